@@ -1,0 +1,123 @@
+"""The ``lora-scripts`` command: train, check, demo. Imports torch only inside the commands that need it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", required=True, help="YAML config file")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key (repeatable; dotted keys for sections, e.g. logging.wandb=true)",
+    )
+
+
+def _load(args: argparse.Namespace):
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "resume", None):
+        overrides.append(f"resume={args.resume}")
+    return load_config(args.config, overrides)
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for our progress bar: silence the libraries' own loading bars and advisory warnings."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    for lib in (dlog, tlog):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    quiet_libraries()
+    from .train.loop import train
+
+    result = train(cfg, show_progress=not args.no_progress)
+    if result.files:
+        print("\nfinished: %d steps, final loss %s" % (result.steps, f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"))
+        if result.seconds_per_step is not None:
+            print(f"speed: {result.seconds_per_step:.3f} s/step (median), peak memory {result.peak_memory_mb:.0f} MB")
+        print("files written:")
+        for path in result.files:
+            print(f"  {path}")
+        if result.last_checkpoint:
+            print(f"  {result.last_checkpoint}  (resumable checkpoint)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from .tasks.base import make_task
+
+    task = make_task(cfg)
+    task.check_base_model()
+    summary = task.check_data()
+    print(f"ok: {summary.description} (dataset hash {summary.dataset_hash[:12]})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    quiet_libraries()
+    from .demo import run_demo
+
+    run_demo(Path(args.output_dir), steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-scripts", description="Config-driven LoRA training.")
+    parser.add_argument("--version", action="version", version=f"lora-scripts {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a LoRA from a YAML config",
+                       epilog="Config keys: run `lora-scripts config-keys`.")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="latest|PATH", help="resume from the newest checkpoint (latest) or a folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("check", help="check the config, base model path and data without training")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("config-keys", help="list every config key with its default and meaning")
+    p.set_defaults(func=lambda a: print(__import__("lora_scripts.config", fromlist=["x"]).describe_fields()) or 0)
+
+    p = sub.add_parser("demo", help="train a tiny built-in model on built-in data (no downloads)")
+    p.add_argument("--output-dir", default="demo_output")
+    p.add_argument("--steps", type=int, default=200)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""The training config: one schema for every task, loaded from YAML with friendly errors.
+
+The seed keys keep their names and meanings: ``train_data_dir, metadata_path, base_model, lora_rank, batch_size,
+epochs, learning_rate, output_dir, save_steps``. Every field carries its help text, so the schema documents itself
+(``lora-scripts train --help-config`` prints it). Relative paths are relative to the working directory, as in the seed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoggingConfig(_Strict):
+    """Where training progress goes. Files land in ``<output_dir>/logs/``."""
+
+    tensorboard: bool = Field(True, description="Write TensorBoard event files to <output_dir>/logs/.")
+    loss_csv: bool = Field(
+        True, description="Append step,epoch,loss,lr,elapsed_s rows to <output_dir>/logs/loss.csv as training goes."
+    )
+    wandb: bool = Field(False, description="Also log to Weights & Biases (needs `pip install wandb`).")
+    wandb_project: str | None = Field(None, description="W&B project name (default: lora-scripts).")
+    log_every_n_steps: int = Field(1, ge=1, description="Log loss every N optimizer steps.")
+
+
+class TrainConfig(_Strict):
+    """A LoRA training run."""
+
+    # --- the seed keys -------------------------------------------------------------------------------------------
+    train_data_dir: Path = Field(..., description="Folder holding the training images (image task).")
+    metadata_path: Path | None = Field(
+        None, description="CSV with header `filename,prompt`; default: <train_data_dir>/metadata.csv."
+    )
+    base_model: str = Field(
+        ..., description="Base model: a diffusers-format directory or a Hugging Face hub id (image task)."
+    )
+    lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank (network dim).")
+    batch_size: int = Field(1, ge=1, description="Samples per device per micro-batch.")
+    epochs: int = Field(1, ge=1, description="Passes over the data (ignored when max_train_steps is set).")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate for AdamW.")
+    output_dir: Path = Field(..., description="Where checkpoints, logs and the exported LoRA are written.")
+    save_steps: int = Field(
+        500, ge=0, description="Write a resumable checkpoint every N optimizer steps (0: only at the end)."
+    )
+
+    # --- task and model ------------------------------------------------------------------------------------------
+    task: Literal["image", "text"] = Field("image", description="`image` (Stable Diffusion) or `text` (causal LM).")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; the update is scaled by alpha/rank. Default: rank.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names that get LoRA. Default (image): to_q, to_k, to_v, to_out.0 of the UNet attention."
+    )
+
+    # --- data ----------------------------------------------------------------------------------------------------
+    resolution: int = Field(512, ge=8, description="Training image size: shorter side resized, then cropped square.")
+    random_crop: bool = Field(False, description="Crop at a random position instead of the centre.")
+    random_flip: bool = Field(False, description="Flip images horizontally with probability 0.5.")
+    dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process).")
+
+    # --- optimisation --------------------------------------------------------------------------------------------
+    max_train_steps: int | None = Field(None, ge=1, description="Total optimizer steps; overrides epochs when set.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision (fp16 needs a GPU).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm (null: no clipping).")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field("constant", description="Learning-rate schedule.")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps for the learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    seed: int = Field(42, ge=0, description="Seed for LoRA initialisation, data order, noise and timesteps.")
+
+    # --- output, checkpoints, resume -----------------------------------------------------------------------------
+    output_name: str | None = Field(None, description="File name of the exported LoRA (default: name of output_dir).")
+    keep_last_checkpoints: int | None = Field(
+        None, ge=1, description="Keep only the newest N checkpoints (null: keep all)."
+    )
+    resume: str | None = Field(
+        None, description="`latest` (newest complete checkpoint in output_dir, or a fresh start if none) or a path."
+    )
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="TensorBoard, loss.csv, W&B.")
+
+    @model_validator(mode="after")
+    def _defaults(self) -> "TrainConfig":
+        if self.metadata_path is None:
+            object.__setattr__(self, "metadata_path", self.train_data_dir / "metadata.csv")
+        if self.output_name is None:
+            object.__setattr__(self, "output_name", self.output_dir.resolve().name or "lora")
+        return self
+
+    @property
+    def alpha(self) -> float:
+        """The effective LoRA alpha (defaults to the rank)."""
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The resolved config as plain YAML-able data (paths as strings)."""
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each mapping key path in a YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = prefix + (str(key_node.value),)
+                lines[path] = key_node.start_mark.line + 1
+                walk(value_node, path)
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _describe_validation_error(err: ValidationError, source: str, key_lines: dict[tuple[str, ...], int]) -> str:
+    """Turn pydantic's first error into one line: where, which key, what is wrong, how to fix it."""
+    first = err.errors()[0]
+    loc = tuple(str(p) for p in first["loc"])
+    key = ".".join(loc) if loc else "(top level)"
+    line = key_lines.get(loc)
+    where = f"{source}:{line}" if line else source
+    if first["type"] == "extra_forbidden":
+        model: type[BaseModel] = TrainConfig
+        for part in loc[:-1]:
+            annotation = model.model_fields[part].annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else model
+        return f"{where}: unknown key '{key}'{_suggest(loc[-1], _field_names(model))}"
+    if first["type"] == "missing":
+        desc = TrainConfig.model_fields[loc[0]].description if loc and loc[0] in TrainConfig.model_fields else ""
+        return f"{where}: missing required key '{key}'" + (f" ({desc})" if desc else "")
+    got = first.get("input")
+    got_text = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+    return f"{where}: {key}: {first['msg']}{got_text}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one ``--set key=value`` (``key`` may be dotted, ``value`` is read as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set lora_rank=16")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: the key is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set key=value`` overrides to raw config data (before validation)."""
+    for item in overrides:
+        path, value = parse_override(item)
+        target = data
+        for part in path[:-1]:
+            nested = target.get(part)
+            if nested is None:
+                nested = target[part] = {}
+            if not isinstance(nested, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+            target = nested
+        target[path[-1]] = value
+    return data
+
+
+def read_yaml_mapping(path: Path) -> tuple[dict[str, Any], str]:
+    """Read a YAML file that must hold a mapping; return it and its text. Errors name the file and line."""
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"config path is a directory, not a YAML file: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if mark is not None:
+            raise ConfigError(f"{path}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {problem}") from None
+        raise ConfigError(f"{path}: YAML syntax error: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of key: value lines, got {type(data).__name__}")
+    return data, text
+
+
+def build_config(data: dict[str, Any], source: str = "config", key_lines: dict | None = None) -> TrainConfig:
+    """Validate raw config data into a :class:`TrainConfig`; raise :class:`ConfigError` with one clear line."""
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe_validation_error(err, source, key_lines or {})) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    """Load and validate a YAML config file, applying ``--set key=value`` overrides."""
+    path = Path(path)
+    data, text = read_yaml_mapping(path)
+    data = apply_overrides(data, overrides or [])
+    return build_config(data, str(path), _key_lines(text))
+
+
+def dump_config(cfg: TrainConfig, path: Path) -> None:
+    """Write the resolved config as YAML."""
+    path.write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False), encoding="utf-8")
+
+
+def describe_fields() -> str:
+    """Human-readable list of every config key with its default and help text."""
+    out = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            out.append(f"  {prefix}{name:<28} {field.description}  [{default}]")
+
+    walk(TrainConfig, "")
+    return "\n".join(out)

@@ -1,0 +1,124 @@
+"""Captioned images: read and check ``metadata.csv``, load images into training tensors.
+
+The check runs before any model is loaded, so bad data costs seconds, not GPU time.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+
+REQUIRED_COLUMNS = ("filename", "prompt")
+
+
+@dataclass(frozen=True)
+class CaptionedImage:
+    path: Path
+    prompt: str
+
+
+@dataclass(frozen=True)
+class ImageDataSummary:
+    """What the data check found: the samples and a content hash for provenance."""
+
+    samples: list[CaptionedImage]
+    dataset_hash: str
+
+
+def read_metadata(train_data_dir: Path, metadata_path: Path) -> list[CaptionedImage]:
+    """Parse ``metadata.csv`` (header ``filename,prompt``); every error names the file and line."""
+    if not train_data_dir.exists():
+        raise DataError(f"train_data_dir not found: {train_data_dir}")
+    if not train_data_dir.is_dir():
+        raise DataError(f"train_data_dir is not a directory: {train_data_dir}")
+    if not metadata_path.exists():
+        raise DataError(
+            f"metadata_path not found: {metadata_path} (create it with `python tools/auto_label.py --input "
+            f"{train_data_dir} --output {metadata_path}` or write a CSV with header filename,prompt)"
+        )
+    try:
+        text = metadata_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{metadata_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header is None:
+        raise DataError(f"{metadata_path}: the file is empty; expected a header line `filename,prompt`")
+    columns = [h.strip().lower() for h in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise DataError(
+            f"{metadata_path}:1: header must name the columns filename,prompt; got {','.join(header)!r} "
+            f"(missing {', '.join(missing)})"
+        )
+    i_file, i_prompt = columns.index("filename"), columns.index("prompt")
+    samples: list[CaptionedImage] = []
+    for row in reader:
+        line = reader.line_num
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) <= max(i_file, i_prompt):
+            raise DataError(f"{metadata_path}:{line}: expected {len(columns)} columns, got {len(row)}")
+        name, prompt = row[i_file].strip(), row[i_prompt].strip()
+        if not name:
+            raise DataError(f"{metadata_path}:{line}: empty filename")
+        path = train_data_dir / name
+        if not path.is_file():
+            raise DataError(f"{metadata_path}:{line}: image '{name}' not found in {train_data_dir}")
+        samples.append(CaptionedImage(path, prompt))
+    if not samples:
+        raise DataError(f"{metadata_path}: no rows after the header; add one `filename,prompt` line per image")
+    return samples
+
+
+def check_image_dataset(train_data_dir: Path, metadata_path: Path) -> ImageDataSummary:
+    """Check every row and every image (opened and decoded); return the samples and a dataset hash."""
+    samples = read_metadata(train_data_dir, metadata_path)
+    digest = hashlib.sha256()
+    for line, sample in enumerate(samples, start=2):
+        data = sample.path.read_bytes()
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()  # a full decode: verify() misses truncated files
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"{sample.path}: unreadable image ({exc}); fix or remove it from {metadata_path}") from None
+        digest.update(sample.path.name.encode() + b"\0" + sample.prompt.encode() + b"\0")
+        digest.update(hashlib.sha256(data).digest())
+    return ImageDataSummary(samples, digest.hexdigest())
+
+
+def load_image_tensor(
+    path: Path, resolution: int, rng: np.random.Generator, random_crop: bool = False, random_flip: bool = False
+) -> np.ndarray:
+    """Load an image as float32 CHW in [-1, 1]: any PIL mode to RGB, shorter side resized, square crop.
+
+    ``rng`` is a per-sample generator so augmentation is reproducible and independent of batch layout.
+    """
+    with Image.open(path) as img:
+        if img.mode in ("RGBA", "LA", "P") and (img.mode != "P" or "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = resolution / min(w, h)
+        new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        if random_crop:
+            left = int(rng.integers(0, new_w - resolution + 1))
+            top = int(rng.integers(0, new_h - resolution + 1))
+        else:
+            left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+        img = img.crop((left, top, left + resolution, top + resolution))
+        if random_flip and rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return np.ascontiguousarray(array.transpose(2, 0, 1))

@@ -1,0 +1,1 @@
+"""LoRA file formats the ecosystem loads."""

@@ -1,0 +1,121 @@
+"""The small protocol a task implements so that one training loop serves images and text.
+
+The loop owns everything that is the same for every task: accelerate, the optimizer, the schedule, accumulation,
+checkpoints, resume, logging. A task owns its data, its model and its loss. If the loop ever needs
+``if task == ...``, a method is missing here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import Dataset
+
+    from ..config import TrainConfig
+
+
+@dataclass
+class DataSummary:
+    """Result of the data check that runs before any model is loaded."""
+
+    num_samples: int
+    dataset_hash: str
+    description: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunInfo:
+    """Facts about a finished run that exports record as metadata and provenance."""
+
+    started_at: float
+    finished_at: float
+    steps: int
+    epoch: int
+    num_samples: int
+    dataset_hash: str
+    config_json: str
+    version: str
+
+    def provenance(self) -> dict[str, str]:
+        return {
+            "lora_scripts_version": self.version,
+            "lora_scripts_dataset_hash": self.dataset_hash,
+            "lora_scripts_config": self.config_json,
+        }
+
+
+SampleKey = tuple[int, int]
+"""What the loop asks a dataset for: (sample index, per-sample seed).
+
+The per-sample seed drives every random draw for that sample (crop, flip, noise, timestep), so results do not depend
+on how samples are split across batches, processes or resumed runs.
+"""
+
+
+class Task(ABC):
+    """One kind of LoRA training (image, text)."""
+
+    name: str = "task"
+
+    def __init__(self, cfg: "TrainConfig") -> None:
+        self.cfg = cfg
+
+    # --- before any model is loaded ------------------------------------------------------------------------------
+    @abstractmethod
+    def check_base_model(self) -> None:
+        """Raise ConfigError if ``base_model`` cannot be what this task loads (cheap path checks only)."""
+
+    @abstractmethod
+    def check_data(self) -> DataSummary:
+        """Read and validate all training data; raise DataError naming the file and line."""
+
+    # --- model and data ------------------------------------------------------------------------------------------
+    @abstractmethod
+    def load_model(self, device: "torch.device", weight_dtype: "torch.dtype") -> "torch.nn.Module":
+        """Load the frozen base model, attach LoRA and return the module whose trainable parameters are LoRA."""
+
+    @abstractmethod
+    def enable_gradient_checkpointing(self, model: "torch.nn.Module") -> None:
+        """Turn on activation checkpointing in the trainable module."""
+
+    @abstractmethod
+    def dataset(self, summary: DataSummary) -> "Dataset":
+        """A map-style dataset indexed by :data:`SampleKey`."""
+
+    @abstractmethod
+    def collate(self, items: list[Any]) -> dict[str, Any]:
+        """Stack dataset items into a batch."""
+
+    @abstractmethod
+    def loss_count(self, batch: dict[str, Any]) -> int:
+        """How many loss elements (samples, or label tokens) a micro-batch holds; read from the batch, no forward."""
+
+    @abstractmethod
+    def loss(self, model: "torch.nn.Module", batch: dict[str, Any]) -> "torch.Tensor":
+        """The *sum* of per-element losses of one micro-batch.
+
+        The loop divides by the element count of the whole accumulated global batch (from :meth:`loss_count`), so
+        the gradient does not depend on how that batch is split into micro-batches or processes.
+        """
+
+    # --- output --------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def export(self, model: "torch.nn.Module", output_dir: Path, run: RunInfo) -> list[Path]:
+        """Write the final LoRA in the formats the ecosystem loads; return the files written."""
+
+
+def make_task(cfg: "TrainConfig") -> Task:
+    """The task named by ``cfg.task``."""
+    if cfg.task == "image":
+        from .image import ImageTask
+
+        return ImageTask(cfg)
+    from ..errors import ConfigError
+
+    raise ConfigError(f"task: '{cfg.task}' is not available yet; use task: image")

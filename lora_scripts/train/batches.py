@@ -1,0 +1,59 @@
+"""Which samples go into which micro-batch, on which process: a pure function of (seed, epoch, layout).
+
+Hand-written rather than accelerate's sharded sampler so that the order is identical for 1 process with batch 2B
+and 2 processes with batch B, and so that resume needs only the step number: epoch and position follow from it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..tasks.base import SampleKey
+
+
+def sample_seed(seed: int, epoch: int, slot: int) -> int:
+    """A well-mixed 63-bit seed for one sample slot of one epoch."""
+    return int(np.random.SeedSequence([seed, epoch, slot]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Every epoch is a seeded permutation, padded by wrapping around so that each optimizer step sees exactly
+    ``batch_size * world_size * accumulation`` samples (like DistributedSampler's padding)."""
+
+    num_samples: int
+    batch_size: int
+    world_size: int
+    accumulation: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.global_batch * self.accumulation
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.num_samples / self.samples_per_step))
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.num_samples)
+        total = self.steps_per_epoch * self.samples_per_step
+        return np.resize(order, total)  # np.resize repeats from the start to pad
+
+    def micro_batches(self, epoch: int, rank: int, start_step: int = 0) -> list[list[SampleKey]]:
+        """This process's micro-batches for ``epoch``, from optimizer step ``start_step`` of the epoch on."""
+        order = self.epoch_order(epoch)
+        batches = []
+        for micro in range(start_step * self.accumulation, self.steps_per_epoch * self.accumulation):
+            first = micro * self.global_batch + rank * self.batch_size
+            slots = range(first, first + self.batch_size)
+            batches.append([(int(order[s]), sample_seed(self.seed, epoch, s)) for s in slots])
+        return batches

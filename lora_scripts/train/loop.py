@@ -1,0 +1,394 @@
+"""THE training loop: one for every task, built on accelerate.
+
+Features and the config keys that control them:
+
+- mixed precision ............ ``mixed_precision: no | fp16 | bf16`` (accelerate autocast + grad scaler)
+- gradient accumulation ...... ``gradient_accumulation_steps`` (loss normalised over the whole accumulated batch)
+- gradient checkpointing ..... ``gradient_checkpointing``
+- gradient clipping .......... ``max_grad_norm``
+- optimizer / schedule ....... AdamW (``learning_rate``, ``weight_decay``, ``adam_*``), ``lr_scheduler``,
+  ``lr_warmup_steps``
+- length ..................... ``epochs`` or ``max_train_steps``
+- checkpoints / resume ....... ``save_steps``, ``keep_last_checkpoints``, ``resume: latest | PATH``
+- logging .................... ``logging.*``: TensorBoard, ``loss.csv``, W&B; a progress bar with loss, it/s, ETA
+- multi-process .............. ``torchrun --nproc_per_node N train.py ...`` (DDP; gloo on CPU)
+
+Set-up order matters: the data check and checkpoint lookup run first because they are cheap and catch user errors
+before minutes of model loading; the seed is set before the model so LoRA initialisation is reproducible; the
+optimizer is built from the unwrapped module's trainable parameters before accelerate wraps it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import TrainConfig, dump_config
+from ..errors import ConfigError
+from ..tasks.base import RunInfo, Task, make_task
+from .batches import BatchPlan
+from .checkpoint import (
+    checkpoint_dir,
+    finalize_checkpoint,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_state,
+    remove_stale_temporaries,
+    temp_checkpoint_dir,
+)
+from .logs import TrainingLogger, peak_memory_mb
+
+
+@dataclass
+class TrainResult:
+    """What a run produced and how fast it went."""
+
+    output_dir: Path
+    files: list[Path]
+    steps: int
+    final_loss: float | None
+    seconds_per_step: float | None
+    peak_memory_mb: float
+    last_checkpoint: Path | None
+    resumed_from: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _resolve_resume(cfg: TrainConfig, root: Path) -> Path | None:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "latest":
+        return latest_checkpoint(root)
+    path = Path(cfg.resume)
+    if not (path / "state.json").is_file():
+        raise ConfigError(f"resume: '{cfg.resume}' is not a complete checkpoint folder (no state.json)")
+    return path
+
+
+def _rng_states() -> dict[str, Any]:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    name = cfg.lr_scheduler
+    if name == "constant" and cfg.lr_warmup_steps:
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=total_steps)
+
+
+class Trainer:
+    """Runs one config to completion: set-up, the step loop, checkpoints, export."""
+
+    def __init__(self, cfg: TrainConfig, show_progress: bool = True) -> None:
+        self.cfg = cfg
+        self.show_progress = show_progress
+        self.checkpoint_root = cfg.output_dir / "checkpoints"
+
+    # --- set-up, in order ----------------------------------------------------------------------------------------
+    def _setup_checks(self) -> None:
+        """Everything a user can get wrong that is cheap to see: before accelerate, before any model."""
+        cfg = self.cfg
+        self.task: Task = make_task(cfg)
+        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
+        self.task.check_base_model()
+        self.data = self.task.check_data()
+        self.resume_from = _resolve_resume(cfg, self.checkpoint_root)
+
+    def _setup_accelerator(self) -> None:
+        from accelerate import Accelerator
+
+        # cpu=True is what makes 2-process CPU DDP work under torchrun (gloo); on a GPU machine it stays False.
+        self.accelerator = Accelerator(mixed_precision=self.cfg.mixed_precision, cpu=not torch.cuda.is_available())
+        self.is_main = self.accelerator.is_main_process
+        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.cfg.mixed_precision)
+        # Frozen weights are stored in half precision only on a GPU; CPU autocast keeps fp32 masters.
+        self.weight_dtype = half if (half is not None and self.accelerator.device.type == "cuda") else torch.float32
+
+    def _setup_model_and_optimizer(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        model = self.task.load_model(self.accelerator.device, self.weight_dtype)
+        if cfg.gradient_checkpointing:
+            self.task.enable_gradient_checkpointing(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            self.params,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+        )
+        self.plan = BatchPlan(
+            num_samples=self.data.num_samples,
+            batch_size=cfg.batch_size,
+            world_size=self.accelerator.num_processes,
+            accumulation=cfg.gradient_accumulation_steps,
+            seed=cfg.seed,
+        )
+        self.total_steps = cfg.max_train_steps or cfg.epochs * self.plan.steps_per_epoch
+        # Not passed through accelerator.prepare: its scheduler wrapper steps once per process, which would make
+        # N processes see a different schedule than one.
+        self.lr_scheduler = _make_scheduler(cfg, optimizer, self.total_steps)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.dataset = self.task.dataset(self.data)
+
+    def _setup_resume(self) -> int:
+        self.started_at = time.time()
+        if self.resume_from is None:
+            if self.cfg.resume == "latest" and self.is_main:
+                print(f"resume: latest: no checkpoint in {self.checkpoint_root} yet, starting from step 0")
+            return 0
+        path = self.resume_from
+        state = read_state(path)
+        self._load_checkpoint(path)
+        self.started_at = state.get("started_at", self.started_at)
+        if self.is_main:
+            if state.get("samples_per_step") != self.plan.samples_per_step or state.get("num_samples") != self.plan.num_samples:
+                print(
+                    "warning: resuming with a different number of samples per step or dataset size; "
+                    "the data order differs from an uninterrupted run"
+                )
+            print(f"resumed from {path} at step {state['step']}")
+        return int(state["step"])
+
+    def _load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        model = self.accelerator.unwrap_model(self.model)
+        saved = load_file(str(path / "adapter.safetensors"))
+        current = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+        if set(saved) != set(current):
+            raise ConfigError(
+                f"resume: checkpoint {path} holds different LoRA layers than this config makes "
+                "(changed target_modules or base_model?)"
+            )
+        for name, tensor in saved.items():
+            if tensor.shape != current[name].shape:
+                raise ConfigError(
+                    f"resume: checkpoint {path} has {name} of shape {tuple(tensor.shape)}, this config makes "
+                    f"{tuple(current[name].shape)} (changed lora_rank?)"
+                )
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                current[name].copy_(tensor)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        sched = torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False)
+        self.lr_scheduler.load_state_dict(sched["scheduler"])
+        if sched.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(sched["scaler"])
+        rank_file = path / f"rng_state_{self.accelerator.process_index}.pt"
+        if not rank_file.exists():
+            rank_file = path / "rng_state_0.pt"
+        _set_rng_states(torch.load(rank_file, map_location="cpu", weights_only=False))
+
+    # --- checkpoints ---------------------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> Path:
+        """Write a complete checkpoint for ``step`` atomically (all processes call this)."""
+        from safetensors.torch import save_file
+
+        acc, root = self.accelerator, self.checkpoint_root
+        tmp, final = temp_checkpoint_dir(root, step), checkpoint_dir(root, step)
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save(_rng_states(), tmp / f"rng_state_{acc.process_index}.pt")
+        acc.wait_for_everyone()
+        if self.is_main:
+            save_file(_trainable_state(acc.unwrap_model(self.model)), str(tmp / "adapter.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+            torch.save({"scheduler": self.lr_scheduler.state_dict(), "scaler": scaler}, tmp / "scheduler.pt")
+            dump_config(self.cfg, tmp / "config.yaml")
+            epoch, step_in_epoch = divmod(step, self.plan.steps_per_epoch)
+            state = {
+                "step": step,
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "total_steps": self.total_steps,
+                "samples_per_step": self.plan.samples_per_step,
+                "num_samples": self.plan.num_samples,
+                "world_size": acc.num_processes,
+                "seed": self.cfg.seed,
+                "started_at": self.started_at,
+                "dataset_hash": self.data.dataset_hash,
+                "lora_scripts_version": __version__,
+            }
+            finalize_checkpoint(tmp, final, state)
+            prune_checkpoints(root, self.cfg.keep_last_checkpoints)
+        acc.wait_for_everyone()
+        return final
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+    def _train_step(self, micro_batches: list[dict[str, Any]]) -> float:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the global mean loss."""
+        acc, task, model = self.accelerator, self.task, self.model
+        device = acc.device
+        count = torch.tensor([float(sum(task.loss_count(b) for b in micro_batches))], device=device)
+        total = acc.reduce(count, reduction="sum").item()
+        # DDP averages gradients over processes; scale by world size so the result is sum / global count.
+        scale = acc.num_processes / max(total, 1.0)
+        running = torch.zeros((), device=device)
+        for i, batch in enumerate(micro_batches):
+            sync = i == len(micro_batches) - 1
+            with nullcontext() if sync else acc.no_sync(model):
+                with acc.autocast():
+                    loss_sum = task.loss(model, batch)
+                acc.backward(loss_sum * scale)
+            running += loss_sum.detach().float()
+        if self.cfg.max_grad_norm:
+            acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return acc.reduce(running.reshape(1), reduction="sum").item() / max(total, 1.0)
+
+    def run(self) -> TrainResult:
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self._setup_checks()
+        self._setup_accelerator()
+        self._setup_model_and_optimizer()
+        start_step = self._setup_resume()
+        acc = self.accelerator
+
+        if self.is_main:
+            cfg.output_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.checkpoint_root)
+            dump_config(cfg, cfg.output_dir / "config.yaml")
+            print(
+                f"training {cfg.task} LoRA (rank {cfg.lora_rank}, alpha {cfg.alpha:g}) on {self.data.description}; "
+                f"{self.total_steps} steps of {self.plan.samples_per_step} samples, "
+                f"{acc.num_processes} process(es) on {acc.device}"
+            )
+        logger = (
+            TrainingLogger(cfg.output_dir / "logs", cfg.logging, cfg.to_yaml_dict(), start_step if self.resume_from else None)
+            if self.is_main
+            else None
+        )
+        progress = tqdm(
+            total=self.total_steps, initial=start_step, unit="step", desc="train",
+            disable=not (self.is_main and self.show_progress), dynamic_ncols=True,
+        )
+        step, loss, last_checkpoint = start_step, None, self.resume_from
+        step_times: list[float] = []
+        loader_iter, loader_epoch = None, None
+        self.model.train()
+        try:
+            while step < self.total_steps:
+                epoch, step_in_epoch = divmod(step, self.plan.steps_per_epoch)
+                if loader_epoch != epoch:
+                    batches = self.plan.micro_batches(epoch, acc.process_index, start_step=step_in_epoch)
+                    loader = DataLoader(
+                        self.dataset, batch_sampler=batches, collate_fn=self.task.collate,
+                        num_workers=cfg.dataloader_workers,
+                    )
+                    loader_iter, loader_epoch = iter(loader), epoch
+                t0 = time.perf_counter()
+                micro = [next(loader_iter) for _ in range(cfg.gradient_accumulation_steps)]
+                loss = self._train_step(micro)
+                step += 1
+                step_times.append(time.perf_counter() - t0)
+                lr = self.lr_scheduler.get_last_lr()[0]
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1, refresh=False)
+                if logger is not None and (step % cfg.logging.log_every_n_steps == 0 or step == self.total_steps):
+                    logger.log_step(step, epoch + 1, loss, lr, time.time() - self.started_at)
+                if cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps:
+                    last_checkpoint = self.save_checkpoint(step)
+            progress.close()
+            if step > start_step or last_checkpoint is None:
+                last_checkpoint = self.save_checkpoint(step)
+            files = self._export(step)
+        finally:
+            progress.close()
+            if logger is not None:
+                logger.close()
+        if logger is not None:
+            files.extend(logger.files)
+        timed = step_times[1:] or step_times  # the first step pays one-off costs (allocations, lazy init)
+        result = TrainResult(
+            output_dir=cfg.output_dir,
+            files=files,
+            steps=step,
+            final_loss=loss,
+            seconds_per_step=statistics.median(timed) if timed else None,
+            peak_memory_mb=peak_memory_mb(),
+            last_checkpoint=last_checkpoint,
+            resumed_from=self.resume_from,
+        )
+        if self.is_main:
+            self._write_summary(result)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return result
+
+    def _export(self, step: int) -> list[Path]:
+        acc = self.accelerator
+        files: list[Path] = []
+        if self.is_main:
+            run = RunInfo(
+                started_at=self.started_at,
+                finished_at=time.time(),
+                steps=step,
+                epoch=-(-step // self.plan.steps_per_epoch),
+                num_samples=self.data.num_samples,
+                dataset_hash=self.data.dataset_hash,
+                config_json=json.dumps(self.cfg.to_yaml_dict(), sort_keys=True),
+                version=__version__,
+            )
+            files = self.task.export(acc.unwrap_model(self.model), self.cfg.output_dir, run)
+        acc.wait_for_everyone()
+        return files
+
+    def _write_summary(self, result: TrainResult) -> None:
+        summary = {
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+            "seconds_per_step": result.seconds_per_step,
+            "peak_memory_mb": round(result.peak_memory_mb, 1),
+            "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
+            "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+            "dataset_hash": self.data.dataset_hash,
+            "lora_scripts_version": __version__,
+            "files": [str(f) for f in result.files],
+        }
+        (self.cfg.output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+
+
+def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
+    """Train a LoRA as ``cfg`` says; the Python API behind ``lora-scripts train``."""
+    return Trainer(cfg, show_progress=show_progress).run()
