@@ -312,9 +312,11 @@ class Trainer:
                 epoch, step_in_epoch = divmod(step, self.plan.steps_per_epoch)
                 if loader_epoch != epoch:
                     batches = self.plan.micro_batches(epoch, acc.process_index, start_step=step_in_epoch)
+                    # An own generator: otherwise creating the iterator draws from the global RNG, and a resumed
+                    # run (which creates one mid-epoch) would see different dropout masks than an uninterrupted one.
                     loader = DataLoader(
                         self.dataset, batch_sampler=batches, collate_fn=self.task.collate,
-                        num_workers=cfg.dataloader_workers,
+                        num_workers=cfg.dataloader_workers, generator=torch.Generator().manual_seed(cfg.seed + epoch),
                     )
                     loader_iter, loader_epoch = iter(loader), epoch
                 t0 = time.perf_counter()
