@@ -146,12 +146,12 @@ def make_captioned_images(folder: Path, count: int = 8, size: int = 48, seed: in
     return folder
 
 
-def tiny_image_config(base_model: Path, data_dir: Path, output_dir: Path, **overrides) -> dict:
+def tiny_image_config(model_dir: Path, data_dir: Path, output_dir: Path, **overrides) -> dict:
     """A config dict for a quick CPU run on the tiny model (seed keys plus what tests usually set)."""
     cfg = {
         "train_data_dir": str(data_dir),
         "metadata_path": str(Path(data_dir) / "metadata.csv"),
-        "base_model": str(base_model),
+        "base_model": str(model_dir),
         "lora_rank": 4,
         "lora_alpha": 2,
         "batch_size": 2,

@@ -1,0 +1,21 @@
+"""`make demo` runs `lora-scripts demo`; here with few steps so the suite stays fast."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from .helpers import run_cli
+
+
+def test_demo_trains_exports_and_renders(tmp_path):
+    proc = run_cli("demo", "--output-dir", str(tmp_path / "demo"), "--steps", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "demo"
+    sample = out / "sample_without_with_lora.png"
+    for path in (out / "lora" / "demo_lora.safetensors", out / "lora" / "diffusers" / "pytorch_lora_weights.safetensors",
+                 out / "lora" / "logs" / "loss.csv", sample):
+        assert path.is_file(), path
+        assert str(path) in proc.stdout
+    with Image.open(sample) as img:
+        assert img.width > img.height  # without | with, side by side
+    assert "s/step" in proc.stdout and "peak memory" in proc.stdout

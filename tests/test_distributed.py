@@ -1,0 +1,35 @@
+"""Same global batch, same LoRA: 2-process torchrun (CPU, gloo) vs one process, and accumulation vs a big batch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from lora_scripts.config import load_config
+from lora_scripts.train.loop import train
+
+from .helpers import REPO_ROOT, assert_same_tensors, cli_env
+
+
+def test_accumulation_equals_large_batch(write_config, tmp_path):
+    train(load_config(write_config("a.yaml", output="big", batch_size=4, max_train_steps=3)), show_progress=False)
+    train(load_config(write_config("b.yaml", output="accum", batch_size=1, gradient_accumulation_steps=4,
+                                   max_train_steps=3)), show_progress=False)
+    assert_same_tensors(tmp_path / "big/checkpoints/step-3/adapter.safetensors",
+                        tmp_path / "accum/checkpoints/step-3/adapter.safetensors", atol=1e-5)
+
+
+def test_torchrun_two_processes_equals_one(write_config, tmp_path):
+    steps = dict(max_train_steps=3, save_steps=2, lr_scheduler="linear")
+    train(load_config(write_config("one.yaml", output="one", batch_size=4, **steps)), show_progress=False)
+    config = write_config("two.yaml", output="two", batch_size=2, **steps)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO_ROOT / "train.py"), "--config", str(config), "--no-progress"],
+        env=cli_env(), capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    for name in ("checkpoints/step-2/adapter.safetensors", "checkpoints/step-3/adapter.safetensors"):
+        assert_same_tensors(tmp_path / "one" / name, tmp_path / "two" / name, atol=1e-5)
+    assert_same_tensors(tmp_path / "one/one.safetensors", tmp_path / "two/two.safetensors", atol=1e-5)
