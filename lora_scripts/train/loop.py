@@ -21,6 +21,7 @@ optimizer is built from the unwrapped module's trainable parameters before accel
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import statistics
@@ -125,6 +126,14 @@ class Trainer:
 
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
+
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # accelerate keeps its settings in process-wide singletons; a second run in the same process (tests,
+            # notebooks, the Python API) with another mixed_precision would otherwise be refused. accelerate
+            # offers no public reset, so we use its internal one, and only outside multi-process launches.
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
 
         # cpu=True is what makes 2-process CPU DDP work under torchrun (gloo); on a GPU machine it stays False.
         self.accelerator = Accelerator(mixed_precision=self.cfg.mixed_precision, cpu=not torch.cuda.is_available())
