@@ -38,12 +38,16 @@ class TrainConfig(_Strict):
     """A LoRA training run."""
 
     # --- the seed keys -------------------------------------------------------------------------------------------
-    train_data_dir: Path = Field(..., description="Folder holding the training images (image task).")
+    train_data_dir: Path | None = Field(
+        None, description="Folder of training images (image) or of data files (text). Required for image."
+    )
     metadata_path: Path | None = Field(
-        None, description="CSV with header `filename,prompt`; default: <train_data_dir>/metadata.csv."
+        None,
+        description="image: CSV with header `filename,prompt` (default <train_data_dir>/metadata.csv); "
+        "text: one data file (.jsonl/.json/.csv/.parquet/.txt) used instead of train_data_dir.",
     )
     base_model: str = Field(
-        ..., description="Base model: a diffusers-format directory or a Hugging Face hub id (image task)."
+        ..., description="Base model: a diffusers folder or hub id (image), a transformers causal-LM folder or hub id (text)."
     )
     lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank (network dim).")
     batch_size: int = Field(1, ge=1, description="Samples per device per micro-batch.")
@@ -58,9 +62,34 @@ class TrainConfig(_Strict):
     task: Literal["image", "text"] = Field("image", description="`image` (Stable Diffusion) or `text` (causal LM).")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; the update is scaled by alpha/rank. Default: rank.")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
-    target_modules: list[str] | None = Field(
-        None, description="Module names that get LoRA. Default (image): to_q, to_k, to_v, to_out.0 of the UNet attention."
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None,
+        description="Module names that get LoRA, or `all-linear` (text). Default: to_q, to_k, to_v, to_out.0 of the "
+        "UNet attention (image); the attention projections of the model family (text).",
     )
+    network_weights: Path | None = Field(
+        None, description="Start from an existing LoRA (text: a PEFT adapter folder) instead of a fresh one."
+    )
+
+    # --- text task -----------------------------------------------------------------------------------------------
+    data_format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = Field(
+        "auto", description="text: record format; auto detects from the fields."
+    )
+    chat_template: str = Field(
+        "auto", description="text: `auto` (the tokenizer's own template, else chatml), `tokenizer`, `chatml`, "
+        "`llama3` or `alpaca`."
+    )
+    train_on_prompt: bool = Field(False, description="text: also train on prompt tokens (default: assistant only).")
+    max_seq_length: int = Field(1024, ge=8, description="text: tokens per sample (longer ones are truncated).")
+    packing: bool = Field(False, description="text: pack samples into rows of max_seq_length (no cross-attention).")
+    val_size: float = Field(
+        0.0, ge=0, description="text: held-out share (0-1) or count (>=1) of samples for eval loss."
+    )
+    val_data: Path | None = Field(None, description="text: a separate validation file (instead of val_size).")
+    sample_prompts: list[str] = Field(
+        default_factory=list, description="text: prompts to generate from at checkpoints and at the end (logged)."
+    )
+    sample_max_new_tokens: int = Field(32, ge=1, description="text: tokens generated per sample prompt.")
 
     # --- data ----------------------------------------------------------------------------------------------------
     resolution: int = Field(512, ge=8, description="Training image size: shorter side resized, then cropped square.")
@@ -96,8 +125,13 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _defaults(self) -> "TrainConfig":
-        if self.metadata_path is None:
-            object.__setattr__(self, "metadata_path", self.train_data_dir / "metadata.csv")
+        if self.task == "image":
+            if self.train_data_dir is None:
+                raise ValueError("train_data_dir is required for the image task")
+            if self.metadata_path is None:
+                object.__setattr__(self, "metadata_path", self.train_data_dir / "metadata.csv")
+        elif self.train_data_dir is None and self.metadata_path is None:
+            raise ValueError("the text task needs train_data_dir (a folder of data files) or metadata_path (one file)")
         if self.output_name is None:
             object.__setattr__(self, "output_name", self.output_dir.resolve().name or "lora")
         return self

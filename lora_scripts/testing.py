@@ -165,3 +165,100 @@ def tiny_image_config(model_dir: Path, data_dir: Path, output_dir: Path, **overr
     }
     cfg.update(overrides)
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny causal LMs for the text task
+
+CHATML_JINJA = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TEXT_SPECIAL_TOKENS = [
+    "<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>",
+    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+]
+
+INSTRUCTIONS = [
+    ("Name a colour.", "", "Blue."),
+    ("Add the numbers.", "2 and 3", "2 plus 3 is 5."),
+    ("Translate to French.", "good morning", "Bonjour."),
+    ("Write a short greeting for a friend who just moved to a new city far away.", "", "Welcome to your new home, I hope the city treats you well and you find good friends soon."),
+    ("What is the capital of Italy?", "", "The capital of Italy is Rome."),
+    ("Summarise the sentence.", "The cat sat on the warm mat all afternoon while the rain fell outside.", "A cat rested on a mat during the rain."),
+    ("Count to five.", "", "One, two, three, four, five."),
+    ("Give the opposite word.", "hot", "Cold."),
+    ("Explain why the sky looks blue in one sentence.", "", "Air scatters blue sunlight more than red light, so the sky looks blue."),
+    ("Reverse the letters.", "lora", "arol."),
+    ("Say yes.", "", "Yes."),
+    ("List three fruits that are usually yellow or orange when ripe.", "", "Banana, mango and orange."),
+]
+
+
+def make_tiny_tokenizer(folder: Path, chat_template: str | None = None):
+    """A byte-level BPE tokenizer trained with the `tokenizers` library on the built-in instruction set."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [" ".join(parts) for parts in INSTRUCTIONS] * 4 + ["Instruction Input Response ### assistant user system"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=TEXT_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=TEXT_SPECIAL_TOKENS[4:], model_max_length=512,
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_tiny_causal_lm(folder: Path, family: str = "llama", seed: int = 0, chat_template: str | None = None) -> Path:
+    """Write a tiny causal LM (``llama``, ``qwen2`` or ``glm``) and its tokenizer to ``folder`` (about 100 k params)."""
+    import torch
+    import transformers
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = make_tiny_tokenizer(folder, chat_template=chat_template)
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    configs = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+        "glm": (transformers.GlmConfig, transformers.GlmForCausalLM, {"head_dim": 8}),
+    }
+    config_cls, model_cls, extra = configs[family]
+    model = model_cls(config_cls(**common, **extra))
+    model.save_pretrained(folder)
+    return folder
+
+
+def make_instruction_data(path: Path, fmt: str = "alpaca", repeat: int = 1) -> Path:
+    """The built-in instruction set as ``.jsonl`` in one of alpaca, sharegpt, messages or text format."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for instruction, inp, output in INSTRUCTIONS * repeat:
+        prompt = f"{instruction}\n{inp}".strip()
+        if fmt == "alpaca":
+            record = {"instruction": instruction, "input": inp, "output": output}
+        elif fmt == "sharegpt":
+            record = {"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": output}]}
+        elif fmt == "messages":
+            record = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt},
+                                   {"role": "assistant", "content": output}]}
+        else:
+            record = {"text": f"{prompt} {output}"}
+        lines.append(json.dumps(record))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torch.utils.data import Dataset
 
@@ -104,6 +105,19 @@ class Task(ABC):
         the gradient does not depend on how that batch is split into micro-batches or processes.
         """
 
+    # --- optional hooks (defaults: nothing) ----------------------------------------------------------------------
+    def epoch_order(self, epoch: int, seed: int) -> "np.ndarray | None":
+        """A custom sample order for ``epoch`` (e.g. grouped by length), or None for a seeded shuffle."""
+        return None
+
+    def validation_dataset(self) -> "Dataset | None":
+        """Held-out samples (keyed like :meth:`dataset`) whose mean loss is logged as ``eval_loss``."""
+        return None
+
+    def generate_samples(self, model: "torch.nn.Module") -> dict[str, str]:
+        """Outputs for the configured sample prompts (prompt -> text), logged at checkpoints and at the end."""
+        return {}
+
     # --- output --------------------------------------------------------------------------------------------------
     @abstractmethod
     def export(self, model: "torch.nn.Module", output_dir: Path, run: RunInfo) -> list[Path]:
@@ -116,6 +130,6 @@ def make_task(cfg: "TrainConfig") -> Task:
         from .image import ImageTask
 
         return ImageTask(cfg)
-    from ..errors import ConfigError
+    from .text import TextTask
 
-    raise ConfigError(f"task: '{cfg.task}' is not available yet; use task: image")
+    return TextTask(cfg)

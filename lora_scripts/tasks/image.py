@@ -79,6 +79,10 @@ class ImageTask(Task):
     name = "image"
 
     def check_base_model(self) -> None:
+        if self.cfg.target_modules == "all-linear":
+            raise ConfigError("target_modules: all-linear is for the text task; list UNet module names instead")
+        if self.cfg.network_weights is not None:
+            raise ConfigError("network_weights: continuing from an existing LoRA is supported for task: text only so far")
         check_diffusers_model_path(self.cfg.base_model)
 
     def check_data(self) -> DataSummary:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -29,6 +30,7 @@ class BatchPlan:
     world_size: int
     accumulation: int
     seed: int
+    order_fn: Callable[[int, int], np.ndarray | None] | None = None  # (epoch, seed) -> custom order, e.g. by length
 
     @property
     def global_batch(self) -> int:
@@ -43,8 +45,9 @@ class BatchPlan:
         return max(1, math.ceil(self.num_samples / self.samples_per_step))
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.num_samples)
+        order = self.order_fn(epoch, self.seed) if self.order_fn else None
+        if order is None:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
         total = self.steps_per_epoch * self.samples_per_step
         return np.resize(order, total)  # np.resize repeats from the start to pad
 

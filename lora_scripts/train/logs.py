@@ -10,7 +10,7 @@ from typing import Any
 from ..config import LoggingConfig
 from ..errors import ConfigError
 
-CSV_COLUMNS = ["step", "epoch", "loss", "lr", "elapsed_s"]
+CSV_COLUMNS = ["step", "epoch", "loss", "lr", "elapsed_s", "eval_loss"]
 
 
 def truncate_loss_csv(path: Path, after_step: int) -> None:
@@ -62,15 +62,33 @@ class TrainingLogger:
                 raise ConfigError("logging.wandb: true needs the wandb package (pip install wandb)") from None
             self._wandb = wandb.init(project=cfg.wandb_project or "lora-scripts", config=run_config, resume="allow")
 
-    def log_step(self, step: int, epoch: int, loss: float, lr: float, elapsed_s: float) -> None:
+    def log_step(
+        self, step: int, epoch: int, loss: float, lr: float, elapsed_s: float, eval_loss: float | None = None
+    ) -> None:
         if self._csv is not None:
-            self._csv_writer.writerow([step, epoch, f"{loss:.6g}", f"{lr:.6g}", f"{elapsed_s:.2f}"])
+            eval_text = "" if eval_loss is None else f"{eval_loss:.6g}"
+            self._csv_writer.writerow([step, epoch, f"{loss:.6g}", f"{lr:.6g}", f"{elapsed_s:.2f}", eval_text])
             self._csv.flush()
+        scalars = {"train/loss": loss, "train/lr": lr}
+        if eval_loss is not None:
+            scalars["eval/loss"] = eval_loss
         if self._tb is not None:
-            self._tb.add_scalar("train/loss", loss, step)
-            self._tb.add_scalar("train/lr", lr, step)
+            for name, value in scalars.items():
+                self._tb.add_scalar(name, value, step)
         if self._wandb is not None:
-            self._wandb.log({"train/loss": loss, "train/lr": lr, "epoch": epoch}, step=step)
+            self._wandb.log({**scalars, "epoch": epoch}, step=step)
+
+    def log_samples(self, step: int, samples: dict[str, str]) -> None:
+        """Append generated samples to ``samples.txt`` and TensorBoard's text tab."""
+        path = self.log_dir / "samples.txt"
+        with open(path, "a", encoding="utf-8") as fh:
+            for prompt, text in samples.items():
+                fh.write(f"--- step {step} | prompt: {prompt!r}\n{text}\n")
+        if path not in self.files:
+            self.files.append(path)
+        if self._tb is not None:
+            for i, (prompt, text) in enumerate(samples.items()):
+                self._tb.add_text(f"samples/{i}", f"**{prompt}**\n\n{text}", step)
 
     def close(self) -> None:
         if self._csv is not None:

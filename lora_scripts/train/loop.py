@@ -38,7 +38,7 @@ from .. import __version__
 from ..config import TrainConfig, dump_config
 from ..errors import ConfigError
 from ..tasks.base import RunInfo, Task, make_task
-from .batches import BatchPlan
+from .batches import BatchPlan, sample_seed
 from .checkpoint import (
     checkpoint_dir,
     finalize_checkpoint,
@@ -164,6 +164,7 @@ class Trainer:
             world_size=self.accelerator.num_processes,
             accumulation=cfg.gradient_accumulation_steps,
             seed=cfg.seed,
+            order_fn=self.task.epoch_order,
         )
         self.total_steps = cfg.max_train_steps or cfg.epochs * self.plan.steps_per_epoch
         # Not passed through accelerator.prepare: its scheduler wrapper steps once per process, which would make
@@ -171,6 +172,7 @@ class Trainer:
         self.lr_scheduler = _make_scheduler(cfg, optimizer, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.dataset = self.task.dataset(self.data)
+        self.val_dataset = self.task.validation_dataset()
 
     def _setup_resume(self) -> int:
         self.started_at = time.time()
@@ -259,6 +261,37 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
+    # --- evaluation and samples ----------------------------------------------------------------------------------
+    def _evaluate(self) -> float | None:
+        """Mean loss over the validation set (main process, unwrapped model, fixed per-sample seeds)."""
+        if self.val_dataset is None:
+            return None
+        result = None
+        if self.is_main:
+            model = self.accelerator.unwrap_model(self.model)
+            model.eval()
+            keys = [(i, sample_seed(self.cfg.seed, 2**31 - 1, i)) for i in range(len(self.val_dataset))]
+            total, count = 0.0, 0
+            for start in range(0, len(keys), self.cfg.batch_size):
+                batch = self.task.collate([self.val_dataset[k] for k in keys[start : start + self.cfg.batch_size]])
+                with torch.no_grad(), self.accelerator.autocast():
+                    total += self.task.loss(model, batch).float().item()
+                count += self.task.loss_count(batch)
+            model.train()
+            result = total / max(count, 1)
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def _log_samples(self, logger: TrainingLogger | None, step: int) -> None:
+        if self.cfg.sample_prompts and self.is_main:
+            model = self.accelerator.unwrap_model(self.model)
+            model.eval()
+            samples = self.task.generate_samples(model)
+            model.train()
+            if logger is not None and samples:
+                logger.log_samples(step, samples)
+        self.accelerator.wait_for_everyone()
+
     # --- the loop ------------------------------------------------------------------------------------------------
     def _train_step(self, micro_batches: list[dict[str, Any]]) -> float:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the global mean loss."""
@@ -336,10 +369,19 @@ class Trainer:
                 lr = self.lr_scheduler.get_last_lr()[0]
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1, refresh=False)
-                if logger is not None and (step % cfg.logging.log_every_n_steps == 0 or step == self.total_steps):
-                    logger.log_step(step, epoch + 1, loss, lr, time.time() - self.started_at)
-                if cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps:
+                is_save = bool(cfg.save_steps) and step % cfg.save_steps == 0 and step < self.total_steps
+                is_last = step == self.total_steps
+                eval_loss = self._evaluate() if (is_save or is_last) else None
+                if logger is not None and (
+                    step % cfg.logging.log_every_n_steps == 0 or is_last or eval_loss is not None
+                ):
+                    logger.log_step(step, epoch + 1, loss, lr, time.time() - self.started_at, eval_loss)
+                if eval_loss is not None:
+                    progress.write(f"step {step}: eval loss {eval_loss:.4f}")
+                if is_save:
                     last_checkpoint = self.save_checkpoint(step)
+                if is_save or is_last:
+                    self._log_samples(logger, step)
             progress.close()
             if step > start_step or last_checkpoint is None:
                 last_checkpoint = self.save_checkpoint(step)
