@@ -76,7 +76,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     quiet_libraries()
     from .demo import run_demo
 
-    run_demo(Path(args.output_dir), steps=args.steps)
+    if args.task == "text":
+        from .demo import run_text_demo
+
+        run_text_demo(Path(args.output_dir), steps=args.steps or 60)
+    else:
+        run_demo(Path(args.output_dir), steps=args.steps or 200)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if not args.merge:
+        raise UserError("export: only --merge is available so far (training already writes the LoRA files)")
+    quiet_libraries()
+    from .export.merge import merge_text_adapter
+
+    out = merge_text_adapter(Path(args.adapter), Path(args.output), args.base_model)
+    print(f"merged model written to {out} (load with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
@@ -99,9 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config-keys", help="list every config key with its default and meaning")
     p.set_defaults(func=lambda a: print(__import__("lora_scripts.config", fromlist=["x"]).describe_fields()) or 0)
 
+    p = sub.add_parser("export", help="merge a text LoRA adapter into its base model")
+    p.add_argument("--adapter", required=True, help="PEFT adapter folder, e.g. <output_dir>/adapter")
+    p.add_argument("--merge", action="store_true", help="merge the LoRA into the base weights")
+    p.add_argument("--output", required=True, help="folder for the merged model")
+    p.add_argument("--base-model", help="base model (default: the adapter's base_model_name_or_path)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("demo", help="train a tiny built-in model on built-in data (no downloads)")
     p.add_argument("--output-dir", default="demo_output")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 200 image, 60 text)")
+    p.add_argument("--task", choices=["image", "text"], default="image")
     p.set_defaults(func=cmd_demo)
     return parser
 

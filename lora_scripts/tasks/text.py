@@ -1,0 +1,217 @@
+"""Causal-LM LoRA (LLaMA, Qwen, GLM, ...): transformers model + peft LoRA, loss on assistant tokens.
+
+The tokenizer is loaded and every sample tokenized in :meth:`TextTask.check_data`, before the model: template and
+data mistakes cost seconds. Loss is the *sum* of token cross-entropies; the loop divides by the label-token count of
+the whole accumulated global batch, so changing ``gradient_accumulation_steps`` at equal effective batch gives the
+same gradient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..data.text import (
+    IGNORE_INDEX,
+    PackedRow,
+    Tokenized,
+    collate_packed,
+    collate_padded,
+    length_grouped_order,
+    load_records,
+    load_text_dataset,
+    pack,
+    render_conversation,
+    tokenize_dataset,
+)
+from ..errors import ConfigError
+from .base import DataSummary, RunInfo, SampleKey, Task
+
+# Attention projections per model family (what most LLM LoRA recipes target by default).
+ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DEFAULT_TARGET_MODULES = {
+    "llama": ATTENTION_TARGETS, "qwen2": ATTENTION_TARGETS, "qwen3": ATTENTION_TARGETS, "mistral": ATTENTION_TARGETS,
+    "glm": ATTENTION_TARGETS, "glm4": ATTENTION_TARGETS, "gemma": ATTENTION_TARGETS, "gemma2": ATTENTION_TARGETS,
+    "phi3": ["qkv_proj", "o_proj"], "chatglm": ["query_key_value"], "gpt2": ["c_attn", "c_proj"],
+}
+LENGTH_GROUP = 8  # length_grouped_order sorts within groups of LENGTH_GROUP * 50 samples, independent of batch layout
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class _ListDataset(Dataset):
+    def __init__(self, items: list[Any]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: SampleKey) -> Any:
+        return self.items[key[0]]
+
+
+def _hub_or_folder(value: str, what: str, marker: str) -> None:
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / marker).is_file():
+            raise ConfigError(f"{what}: '{value}' is not a transformers model folder (no {marker})")
+        return
+    if value.startswith((".", "/", "~")) or not HUB_ID_RE.match(value):
+        raise ConfigError(f"{what} not found: '{value}' (no such folder, and not a hub id like org/name)")
+
+
+def _load_error(what: str, value: str, exc: Exception) -> ConfigError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ConfigError(f"{what}: could not load '{value}': {first}")
+
+
+class TextTask(Task):
+    """LoRA on a causal language model."""
+
+    name = "text"
+
+    # --- checks (tokenizer, no model) ----------------------------------------------------------------------------
+    def check_base_model(self) -> None:
+        _hub_or_folder(self.cfg.base_model, "base_model", "config.json")
+        if self.cfg.network_weights is not None and not (Path(self.cfg.network_weights) / "adapter_config.json").is_file():
+            raise ConfigError(f"network_weights: '{self.cfg.network_weights}' is not a PEFT adapter folder "
+                              "(no adapter_config.json)")
+
+    def check_data(self) -> DataSummary:
+        from transformers import AutoTokenizer
+
+        cfg = self.cfg
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+        except (OSError, ValueError) as exc:
+            raise _load_error("base_model", cfg.base_model, exc) from None
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        records = load_text_dataset(cfg.train_data_dir if cfg.metadata_path is None else None, cfg.metadata_path)
+        val_records = load_records(cfg.val_data) if cfg.val_data else []
+        if not val_records and cfg.val_size > 0:
+            count = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(cfg.val_size * len(records)))
+            if count >= len(records):
+                raise ConfigError(f"val_size: {cfg.val_size} leaves no training samples out of {len(records)}")
+            order = np.random.default_rng(cfg.seed).permutation(len(records))
+            held = set(order[:count].tolist())
+            val_records = [r for i, r in enumerate(records) if i in held]
+            records = [r for i, r in enumerate(records) if i not in held]
+        options = dict(data_format=cfg.data_format, chat_template=cfg.chat_template,
+                       train_on_prompt=cfg.train_on_prompt, max_seq_length=cfg.max_seq_length)
+        self.samples, self.stats = tokenize_dataset(records, self.tokenizer, **options)
+        self.val_samples = tokenize_dataset(val_records, self.tokenizer, **options)[0] if val_records else []
+        self.rows: list[PackedRow] | None = pack(self.samples, cfg.max_seq_length) if cfg.packing else None
+        digest = hashlib.sha256()
+        for record in records:
+            digest.update(json.dumps(record.data, sort_keys=True, default=str).encode())
+        units = f", packed into {len(self.rows)} rows of <= {cfg.max_seq_length}" if self.rows is not None else ""
+        truncated = f" (raise max_seq_length to keep them whole)" if self.stats.truncated else ""
+        return DataSummary(
+            num_samples=len(self.rows) if self.rows is not None else len(self.samples),
+            dataset_hash=digest.hexdigest(),
+            description=f"{self.stats.summary()}{truncated}{units}"
+            + (f"; {len(self.val_samples)} validation samples" if self.val_samples else ""),
+        )
+
+    # --- model ---------------------------------------------------------------------------------------------------
+    def load_model(self, device: torch.device, weight_dtype: torch.dtype) -> torch.nn.Module:
+        from peft import LoraConfig, PeftModel, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.cfg
+        try:
+            # eager attention adds our additive 4-D block-diagonal mask as is (packing); sdpa is faster otherwise
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.base_model, dtype=weight_dtype, attn_implementation="eager" if cfg.packing else None
+            )
+        except (OSError, ValueError) as exc:
+            raise _load_error("base_model", cfg.base_model, exc) from None
+        model.requires_grad_(False)
+        model.to(device)
+        self.device = device
+        if cfg.network_weights is not None:
+            model = PeftModel.from_pretrained(model, str(cfg.network_weights), is_trainable=True)
+        else:
+            targets = cfg.target_modules or DEFAULT_TARGET_MODULES.get(model.config.model_type, "all-linear")
+            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=targets, task_type="CAUSAL_LM")
+            try:
+                model = get_peft_model(model, lora)
+            except ValueError as exc:
+                raise ConfigError(f"target_modules: {exc}".splitlines()[0]) from None
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+        self.model = model
+        return model
+
+    def enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # --- data ----------------------------------------------------------------------------------------------------
+    def dataset(self, summary: DataSummary) -> Dataset:
+        return _ListDataset(self.rows if self.rows is not None else self.samples)
+
+    def validation_dataset(self) -> Dataset | None:
+        return _ListDataset(self.val_samples) if self.val_samples else None
+
+    def epoch_order(self, epoch: int, seed: int) -> np.ndarray | None:
+        if self.rows is not None:
+            return None  # packed rows are already full; a plain shuffle
+        lengths = [len(s) for s in self.samples]
+        return np.asarray(length_grouped_order(lengths, LENGTH_GROUP, np.random.default_rng([seed, epoch])))
+
+    def collate(self, items: list[Any]) -> dict[str, Any]:
+        pad = self.tokenizer.pad_token_id
+        if isinstance(items[0], PackedRow):
+            return collate_packed(items, pad)
+        return collate_padded(items, pad)
+
+    def loss_count(self, batch: dict[str, Any]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits
+        labels = batch["labels"].to(self.device)
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="sum",
+        )
+
+    # --- samples and export --------------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of ``prompt`` as a user turn followed by the start of an assistant turn."""
+        rendered: Tokenized = render_conversation(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}], self.tokenizer,
+            self.cfg.chat_template, train_on_prompt=False, max_seq_length=10**9,
+        )
+        first_trained = next(i for i, label in enumerate(rendered.labels) if label != IGNORE_INDEX)
+        return rendered.input_ids[:first_trained]
+
+    def generate_samples(self, model: torch.nn.Module) -> dict[str, str]:
+        out = {}
+        for prompt in self.cfg.sample_prompts:
+            ids = torch.tensor([self.prompt_ids(prompt)], device=self.device)
+            with torch.no_grad():
+                generated = model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.cfg.sample_max_new_tokens,
+                    do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+                )
+            out[prompt] = self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+        return out
+
+    def export(self, model: torch.nn.Module, output_dir: Path, run: RunInfo) -> list[Path]:
+        adapter_dir = output_dir / "adapter"
+        model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(adapter_dir))
+        provenance = {**run.provenance(), "steps": run.steps, "base_model": self.cfg.base_model}
+        (adapter_dir / "lora_scripts.json").write_text(json.dumps(provenance, indent=2), encoding="utf-8")
+        return [adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_config.json"]
