@@ -1,0 +1,159 @@
+"""The text task through the same loop: families, PEFT export and merge, accumulation, resume, torchrun, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from lora_scripts.cli import main
+from lora_scripts.config import build_config
+from lora_scripts.testing import CHATML_JINJA, make_instruction_data, make_tiny_causal_lm
+from lora_scripts.train.loop import Trainer, train
+
+from .helpers import REPO_ROOT, assert_same_tensors, cli_env
+
+
+@pytest.fixture(scope="module")
+def tiny_lms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lms")
+    return {
+        "llama": make_tiny_causal_lm(root / "llama", "llama"),
+        "qwen2": make_tiny_causal_lm(root / "qwen2", "qwen2", chat_template=CHATML_JINJA),
+        "glm": make_tiny_causal_lm(root / "glm", "glm"),
+    }
+
+
+@pytest.fixture()
+def text_cfg(tiny_lms, tmp_path):
+    data = make_instruction_data(tmp_path / "data" / "train.jsonl", "alpaca", repeat=2)
+
+    def make(output="out", family="llama", **overrides):
+        raw = {"task": "text", "base_model": str(tiny_lms[family]), "metadata_path": str(data),
+               "output_dir": str(tmp_path / output), "lora_rank": 4, "batch_size": 4, "max_train_steps": 3,
+               "save_steps": 2, "learning_rate": 1e-2, "max_seq_length": 96, "logging": {"tensorboard": False}}
+        raw.update(overrides)
+        return build_config(raw)
+
+    return make
+
+
+@pytest.mark.parametrize("family, expected", [("llama", "q_proj"), ("qwen2", "o_proj"), ("glm", "v_proj")])
+def test_families_train_and_peft_adapter_reproduces_logits(text_cfg, tiny_lms, family, expected):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trainer = Trainer(text_cfg(family=family, output=family), show_progress=False)
+    result = trainer.run()
+    adapter = result.output_dir / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    trained = trainer.accelerator.unwrap_model(trainer.model).eval()
+    assert any(expected in n and p.requires_grad for n, p in trained.named_parameters())
+    ids = torch.tensor([trainer.task.prompt_ids("Say yes.")])
+    with torch.no_grad():
+        expected_logits = trained(input_ids=ids).logits
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lms[family]), str(adapter)).eval()
+        got = loaded(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_lms[family]).eval()(input_ids=ids).logits
+    assert (base - expected_logits).abs().max() > 1e-4
+    assert (got - expected_logits).abs().max() <= 1e-5
+
+
+def test_all_linear_targets_every_linear_layer(text_cfg):
+    trainer = Trainer(text_cfg(target_modules="all-linear", max_train_steps=1), show_progress=False)
+    trainer.run()
+    names = [n for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters() if p.requires_grad]
+    assert any("mlp.down_proj" in n for n in names) and any("self_attn.q_proj" in n for n in names)
+
+
+def test_merge_export_loads_with_automodel(text_cfg, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    trainer = Trainer(text_cfg(), show_progress=False)
+    trainer.run()
+    code = main(["export", "--adapter", str(tmp_path / "out" / "adapter"), "--merge", "--output", str(tmp_path / "merged")])
+    assert code == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([trainer.task.prompt_ids("Count to five.")])
+    with torch.no_grad():
+        expected = trainer.accelerator.unwrap_model(trainer.model).eval()(input_ids=ids).logits
+        assert (merged(input_ids=ids).logits - expected).abs().max() <= 1e-4
+
+
+def test_accumulation_at_equal_effective_batch_gives_the_same_lora(text_cfg, tmp_path):
+    train(text_cfg(output="big", batch_size=4), show_progress=False)
+    train(text_cfg(output="accum", batch_size=1, gradient_accumulation_steps=4), show_progress=False)
+    assert_same_tensors(tmp_path / "big/checkpoints/step-3/adapter.safetensors",
+                        tmp_path / "accum/checkpoints/step-3/adapter.safetensors", atol=1e-5)
+
+
+def test_packing_trains_validation_and_samples_are_logged(text_cfg, tmp_path):
+    import csv
+
+    result = train(text_cfg(packing=True, val_size=0.2, sample_prompts=["Say yes."], sample_max_new_tokens=4,
+                            max_train_steps=4), show_progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "logs" / "loss.csv")))
+    assert [r["eval_loss"] != "" for r in rows] == [False, True, False, True]
+    assert "prompt: 'Say yes.'" in (tmp_path / "out" / "logs" / "samples.txt").read_text()
+    assert result.final_loss > 0
+
+
+def test_resume_equals_uninterrupted(text_cfg, tmp_path):
+    train(text_cfg(output="straight", max_train_steps=6, save_steps=3, lora_dropout=0.1), show_progress=False)
+    train(text_cfg(output="split", max_train_steps=3, save_steps=3, lora_dropout=0.1), show_progress=False)
+    train(text_cfg(output="split", max_train_steps=6, save_steps=3, lora_dropout=0.1, resume="latest"),
+          show_progress=False)
+    assert_same_tensors(tmp_path / "straight/checkpoints/step-6/adapter.safetensors",
+                        tmp_path / "split/checkpoints/step-6/adapter.safetensors")
+
+
+def test_incremental_training_starts_from_network_weights(text_cfg, tmp_path):
+    train(text_cfg(output="first"), show_progress=False)
+    train(text_cfg(output="second", network_weights=str(tmp_path / "first" / "adapter"), learning_rate=1e-12,
+                   max_train_steps=1), show_progress=False)
+    assert_same_tensors(tmp_path / "first/adapter/adapter_model.safetensors",
+                        tmp_path / "second/adapter/adapter_model.safetensors", atol=1e-6)
+
+
+def test_torchrun_two_processes_equals_one(text_cfg, tmp_path):
+    train(text_cfg(output="one", batch_size=4), show_progress=False)
+    cfg = text_cfg(output="two", batch_size=2)
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_yaml_dict()))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO_ROOT / "train.py"), "--config", str(path), "--no-progress"],
+                          env=cli_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_tensors(tmp_path / "one/checkpoints/step-3/adapter.safetensors",
+                        tmp_path / "two/checkpoints/step-3/adapter.safetensors", atol=1e-5)
+
+
+def write_yaml(path, cfg_dict):
+    path.write_text(yaml.safe_dump(cfg_dict))
+    return path
+
+
+@pytest.mark.parametrize(
+    "content, overrides, fragment",
+    [
+        ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n', {}, "train.jsonl:2: invalid JSON"),
+        ('{"question": "a", "answer": "b"}\n', {}, "train.jsonl:1"),
+        ('{"instruction": "a"}\n', {}, "output"),
+        ('{"conversations": []}\n', {}, "train.jsonl:1"),
+        ('{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}\n', {}, "train.jsonl:1"),
+        ('{"instruction": "a", "output": "b"}\n', {"chat_template": "tokenizer"}, "no chat_template"),
+    ],
+    ids=["malformed-json", "unknown-format", "missing-field", "empty-conversation", "misordered", "no-template"],
+)
+def test_text_data_errors_are_one_line_exit_2(text_cfg, tmp_path, capsys, content, overrides, fragment):
+    data = tmp_path / "bad" / "train.jsonl"
+    data.parent.mkdir()
+    data.write_text(content)
+    cfg = text_cfg(metadata_path=str(data), **overrides).to_yaml_dict()
+    code = main(["train", "--config", str(write_yaml(tmp_path / "bad.yaml", cfg)), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert fragment in err, err
