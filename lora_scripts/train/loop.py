@@ -402,6 +402,7 @@ class Trainer:
             peak_memory_mb=peak_memory_mb(),
             last_checkpoint=last_checkpoint,
             resumed_from=self.resume_from,
+            extra={"train_seconds": sum(step_times)},
         )
         if self.is_main:
             self._write_summary(result)
