@@ -6,6 +6,7 @@ The decisive test runs a tiny LLaMA on a packed row and checks each sample's los
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,26 +52,28 @@ def _make_tokenizer(chat_template: str | None = None, add_bos: bool = False):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    """No chat template, adds no BOS (like Qwen)."""
+def tok():  # no chat template, adds no BOS (like Qwen)
     return _make_tokenizer()
 
 
 @pytest.fixture(scope="module")
-def tok_jinja():
-    """Has a ChatML Jinja chat template."""
+def tok_jinja():  # has a ChatML Jinja chat template
     return _make_tokenizer(CHATML_JINJA)
 
 
 @pytest.fixture(scope="module")
-def tok_bos():
-    """Adds BOS when encoding with special tokens (like LLaMA)."""
+def tok_bos():  # adds BOS when encoding with special tokens (like LLaMA)
     return _make_tokenizer(add_bos=True)
 
 
 def _jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+def _at(path: Path, line: int) -> str:
+    """Regex for the ``file:line`` prefix of an error message."""
+    return re.escape(f"{path}:{line}")
 
 
 def _spans(labels: list[int]) -> list[tuple[int, int]]:
@@ -101,26 +104,25 @@ EXPECTED_TURNS = {
 }
 
 
+@pytest.mark.parametrize("ext", [".jsonl", ".json"])
 @pytest.mark.parametrize("fmt", list(SAMPLES))
-def test_jsonl_every_format_autodetected_and_normalised(tmp_path, fmt):
-    path = _jsonl(tmp_path / "d.jsonl", [SAMPLES[fmt], "", SAMPLES[fmt]])
+def test_every_format_autodetected_and_normalised(tmp_path, fmt, ext):
+    if ext == ".jsonl":
+        path = _jsonl(tmp_path / "d.jsonl", [SAMPLES[fmt], "", SAMPLES[fmt]])
+    else:
+        (path := tmp_path / "d.json").write_text(json.dumps([SAMPLES[fmt]] * 2, indent=1))
     records = td.load_records(path)
-    assert [r.line for r in records] == [1, 3]  # blank lines skipped, numbering kept
+    lines = path.read_text().split("\n")
+    assert [r.line for r in records] == [1, 3] if ext == ".jsonl" else [lines.index(" {", i) + 1 for i in (0, 2)]
     assert td.resolve_format(records, "auto") == fmt == td.detect_format(records[0])
     assert td.resolve_format(records, fmt) == fmt
     assert td.normalize_record(records[0], fmt) == EXPECTED_TURNS[fmt]
 
 
-def test_json_list_keeps_line_numbers(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text(json.dumps([SAMPLES["messages"], SAMPLES["messages"]], indent=2))
-    records = td.load_records(path)
-    assert len(records) == 2 and records[0].line == 2
-    assert records[1].line == path.read_text().splitlines().index("  {", 2) + 1
-    assert td.normalize_record(records[1], "messages") == EXPECTED_TURNS["messages"]
+def test_json_file_errors_name_the_line(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[\n  {"text": "a"},\n  {"text": oops}\n]')
-    with pytest.raises(DataError, match=rf"{bad}:3: invalid JSON"):
+    with pytest.raises(DataError, match=rf"{_at(bad, 3)}: invalid JSON"):
         td.load_records(bad)
     (tmp_path / "obj.json").write_text('{"text": "a"}')
     with pytest.raises(DataError, match="list of objects"):
@@ -151,16 +153,11 @@ def test_txt_one_sample_per_nonempty_line(tmp_path):
     assert td.resolve_format(records) == "text"
 
 
-def test_parquet_reads_or_asks_for_pyarrow(tmp_path):
+def test_parquet_reads(tmp_path):
+    import pyarrow as pa  # a test extra, so the real read path always runs
+    import pyarrow.parquet as pq
+
     path = tmp_path / "d.parquet"
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        path.write_bytes(b"PAR1")
-        with pytest.raises(DataError, match=r"pip install pyarrow"):
-            td.load_records(path)
-        return
     pq.write_table(pa.Table.from_pylist([SAMPLES["alpaca"], SAMPLES["alpaca"]]), path)
     records = td.load_records(path)
     assert [r.line for r in records] == [1, 2] and td.resolve_format(records) == "alpaca"
@@ -185,30 +182,23 @@ def test_load_text_dataset_file_or_folder(tmp_path):
         td.load_text_dataset(tmp_path / "missing", None)
 
 
-
-def test_unknown_extension_lists_supported(tmp_path):
+def test_unknown_extension_and_malformed_json_line(tmp_path):
     (tmp_path / "d.xml").write_text("<a/>")
     with pytest.raises(DataError, match=r"unsupported file type '.xml'.*\.jsonl.*\.parquet"):
         td.load_records(tmp_path / "d.xml")
-
-
-def test_malformed_json_line_names_file_and_line(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [SAMPLES["text"], SAMPLES["text"], '{"text": "broken'])
-    with pytest.raises(DataError, match=rf"^{path}:3: invalid JSON \(Unterminated string"):
+    with pytest.raises(DataError, match=rf"^{_at(path, 3)}: invalid JSON \(Unterminated string"):
         td.load_records(path)
 
 
-def test_undetectable_format_names_fields_and_formats(tmp_path):
+def test_undetectable_or_mixed_formats_rejected(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=rf"{path}:1: cannot detect.*\['answer', 'question'\].*alpaca.*sharegpt"):
+    with pytest.raises(DataError, match=rf"{_at(path, 1)}: cannot detect.*\['answer', 'question'\].*alpaca.*sharegpt"):
         td.resolve_format(td.load_records(path))
     with pytest.raises(DataError, match="unknown data_format"):
         td.resolve_format(td.load_records(path), "openai")
-
-
-def test_mixed_formats_rejected(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [SAMPLES["alpaca"], SAMPLES["text"]])
-    with pytest.raises(DataError, match=rf"{path}:2: record looks like text.*{path}:1\) is alpaca"):
+    with pytest.raises(DataError, match=rf"{_at(path, 2)}: record looks like text.*{_at(path, 1)}\) is alpaca"):
         td.resolve_format(td.load_records(path))
 
 
@@ -233,19 +223,28 @@ def test_mixed_formats_rejected(tmp_path):
 def test_bad_records_name_file_and_line(tmp_path, row, fmt, message):
     path = _jsonl(tmp_path / "d.jsonl", [SAMPLES[fmt], row])
     records = td.load_records(path)
-    with pytest.raises(DataError, match=rf"^{path}:2: .*{message}"):
+    with pytest.raises(DataError, match=rf"^{_at(path, 2)}: .*{message}"):
         td.normalize_record(records[1], td.resolve_format(records, fmt))
 
 
 def test_tokenizer_template_requested_but_missing(tmp_path, tok, tok_jinja):
     path = _jsonl(tmp_path / "d.jsonl", [SAMPLES["messages"]])
     records = td.load_records(path)
-    with pytest.raises(DataError, match=rf"^{path}:1: chat_template is 'tokenizer' but the tokenizer has no"):
+    with pytest.raises(DataError, match=rf"^{_at(path, 1)}: chat_template is 'tokenizer' but the tokenizer has no"):
         td.tokenize_dataset(records, tok, chat_template="tokenizer")
-    with pytest.raises(DataError, match=rf"^{path}:1: unknown chat_template 'vicuna'"):
+    with pytest.raises(DataError, match=rf"^{_at(path, 1)}: unknown chat_template 'vicuna'"):
         td.tokenize_dataset(records, tok, chat_template="vicuna")
     samples, _ = td.tokenize_dataset(records, tok_jinja, chat_template="tokenizer")
     assert samples[0].input_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "hi": 2, "hello": 3}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    bare = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+    with pytest.raises(DataError, match=rf"^{_at(path, 1)}: chat_template 'llama3' needs .*<\|begin_of_text\|>"):
+        td.tokenize_dataset(records, bare, chat_template="llama3")
+    assert td.tokenize_dataset(records, bare, chat_template="alpaca")[0][0].input_ids[-1] == 1
 
 
 def test_non_incremental_jinja_template_refused(tok):
@@ -253,7 +252,6 @@ def test_non_incremental_jinja_template_refused(tok):
     template = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(DataError, match="incrementally"):
         td.render_conversation(CONV, tok, template, False, 512)
-
 
 
 @pytest.mark.parametrize("template, which", [("chatml", "tok"), ("llama3", "tok"), ("alpaca", "tok"),
@@ -282,9 +280,10 @@ def test_eos_ends_every_assistant_turn_and_is_trained(request, template, which):
         assert tokenizer.bos_token_id not in out.input_ids
 
 
-def test_train_on_prompt_unmasks_everything(tok):
-    out = td.render_conversation(CONV, tok, "chatml", train_on_prompt=True, max_seq_length=512)
-    assert out.labels == out.input_ids
+def test_train_on_prompt_unmasks_everything(tok, tok_jinja):
+    for tokenizer, template in ((tok, "chatml"), (tok, "llama3"), (tok_jinja, "auto")):
+        out = td.render_conversation(CONV, tokenizer, template, train_on_prompt=True, max_seq_length=512)
+        assert out.labels == out.input_ids and out.input_ids.count(tokenizer.eos_token_id) == 2
 
 
 def test_tokenizer_jinja_template_matches_builtin_chatml(tok, tok_jinja):
@@ -317,7 +316,6 @@ def test_truncation_flagged_and_counted(tmp_path, tok):
     assert stats.tokens == len(full[0]) + limit
     assert stats.trained_tokens == sum(lab != td.IGNORE_INDEX for s in samples for lab in s.labels)
     assert "1 truncated" in stats.summary()
-
 
 
 def _samples(lengths: list[int]) -> list[td.Tokenized]:
@@ -380,21 +378,19 @@ def test_collate_packed_and_padded():
 
 
 def test_length_grouped_order_groups_similar_lengths():
-    rng_lengths = np.random.default_rng(0).integers(1, 500, size=1000).tolist()
-    order = td.length_grouped_order(rng_lengths, batch_size=4, rng=np.random.default_rng(1))
+    lengths = np.random.default_rng(0).integers(1, 500, size=1000).tolist()
+    order = td.length_grouped_order(lengths, batch_size=4, rng=np.random.default_rng(1))
     assert sorted(order) == list(range(1000))
-    assert order == td.length_grouped_order(rng_lengths, 4, np.random.default_rng(1))  # seeded: reproducible
+    assert order == td.length_grouped_order(lengths, 4, np.random.default_rng(1))  # seeded: reproducible
     mega = 4 * 50
     for start in range(0, 1000, mega):
-        chunk = [rng_lengths[i] for i in order[start:start + mega]]
+        chunk = [lengths[i] for i in order[start:start + mega]]
         assert chunk == sorted(chunk, reverse=True)
-    padding = sum(max(rng_lengths[i] for i in order[b:b + 4]) * 4 - sum(rng_lengths[i] for i in order[b:b + 4])
-                  for b in range(0, 1000, 4))
-    shuffled = np.random.default_rng(1).permutation(1000).tolist()
-    random_padding = sum(max(rng_lengths[i] for i in shuffled[b:b + 4]) * 4
-                         - sum(rng_lengths[i] for i in shuffled[b:b + 4]) for b in range(0, 1000, 4))
-    assert padding < random_padding / 10
+    def padding(idx: list[int]) -> int:
+        return sum(4 * max(lengths[i] for i in idx[b:b + 4]) - sum(lengths[i] for i in idx[b:b + 4])
+                   for b in range(0, 1000, 4))
 
+    assert padding(order) < padding(np.random.default_rng(1).permutation(1000).tolist()) / 10
 
 
 def _per_sample_losses(logits: torch.Tensor, labels: torch.Tensor, seq_lens: list[int]) -> list[float]:
@@ -412,10 +408,12 @@ def _per_sample_losses(logits: torch.Tensor, labels: torch.Tensor, seq_lens: lis
 def test_packed_loss_equals_per_sample_loss(tok):
     """Each sample inside a packed row has the same loss as when run alone (tiny LLaMA, eager attention).
 
-    transformers 5.23 returns a 4-D attention_mask unchanged (masking_utils._preprocess_mask_arguments) and eager
-    attention adds it to the scores, so the mask is additive float (0 / dtype-min) in the model dtype, [B, 1, L, L].
-    Without a mask, the same release also detects packing from position_ids that restart at 0
-    (find_packed_sequence_indices) on every attention backend, CPU included, but only when use_cache=False.
+    What transformers 5.23 does (masking_utils): a 4-D attention_mask is returned unchanged
+    (_preprocess_mask_arguments) and eager attention *adds* it to the scores, so it must be additive float
+    (0 / dtype-min) in the model dtype, [B, 1, L, L]; a bool 4-D mask is silently wrong under eager (added as 0/1;
+    sdpa would accept it). Without a mask, packing is also detected from position_ids restarting at 0
+    (find_packed_sequence_indices, any backend, CPU included), but only when no cache exists: the default
+    use_cache=True creates one even in train mode and the samples leak into each other. Hence the explicit mask.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -424,35 +422,31 @@ def test_packed_loss_equals_per_sample_loss(tok):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     model = LlamaForCausalLM._from_config(config, attn_implementation="eager").eval()
+    assert model.config._attn_implementation == "eager"
     convs = [CONV, CONV[1:3], [{"role": "text", "content": "hello there, how are you today?"}], CONV[3:5]]
     samples = [td.render_conversation(c, tok, "chatml", False, 128) for c in convs]
     rows = td.pack(samples, max_seq_length=128)
     assert len(rows) == 1 and len(rows[0].seq_lens) == 4
     batch = td.collate_packed(rows + [td.PackedRow([5], [td.IGNORE_INDEX], [0], [1])], pad_id=tok.pad_token_id)
-    # samples in packed order, each alone
-    order, start = [], 0
-    for n in rows[0].seq_lens:
+    ids, pos, labels, lens = batch["input_ids"][:1], batch["position_ids"][:1], batch["labels"][:1], rows[0].seq_lens
+    order, start = [], 0  # the samples in packed order
+    for n in lens:
         order.append(next(s for s in samples if s.input_ids == rows[0].input_ids[start:start + n]))
         start += n
     with torch.no_grad():
         alone = [_per_sample_losses(model(input_ids=torch.tensor([s.input_ids])).logits,
                                     torch.tensor([s.labels]), [len(s)])[0] for s in order]
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       attention_mask=batch["attention_mask"]).logits
-        by_positions = model(input_ids=batch["input_ids"][:1], position_ids=batch["position_ids"][:1],
-                             use_cache=False).logits
-        leaky = model(input_ids=batch["input_ids"][:1], position_ids=batch["position_ids"][:1],
-                      attention_mask=torch.ones_like(batch["input_ids"][:1])).logits
-    got = _per_sample_losses(packed[:1], batch["labels"][:1], rows[0].seq_lens)
-    assert all(a > 1 for a in alone)
-    assert got == pytest.approx(alone, abs=1e-5)
-    assert _per_sample_losses(by_positions, batch["labels"][:1], rows[0].seq_lens) == pytest.approx(alone, abs=1e-5)
-    # control: a plain 2-D mask lets samples see each other, so later samples' losses change
-    leaked = _per_sample_losses(leaky, batch["labels"][:1], rows[0].seq_lens)
-    assert leaked[0] == pytest.approx(alone[0], abs=1e-5)
-    assert max(abs(x - y) for x, y in zip(leaked[1:], alone[1:])) > 1e-3
-    # the model's own loss over the packed row is the mean over all trained tokens of the samples
-    mean = model(input_ids=batch["input_ids"][:1], position_ids=batch["position_ids"][:1],
-                 attention_mask=batch["attention_mask"][:1], labels=batch["labels"][:1]).loss.item()
-    trained = sum(lab != td.IGNORE_INDEX for lab in batch["labels"][0, 1:].tolist())
-    assert mean == pytest.approx(sum(alone) / trained, abs=1e-5)
+                       attention_mask=batch["attention_mask"], labels=batch["labels"])
+        by_positions = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        leaky = {name: model(input_ids=ids, position_ids=pos, attention_mask=mask).logits for name, mask in
+                 (("2-D mask", torch.ones_like(ids)), ("bool 4-D mask", batch["attention_mask"][:1] == 0),
+                  ("positions + default cache", None))}
+    assert all(a > 1 for a in alone) and torch.isfinite(packed.logits).all()  # the all-padding row is finite too
+    assert _per_sample_losses(packed.logits[:1], labels, lens) == pytest.approx(alone, abs=1e-5)
+    assert _per_sample_losses(by_positions, labels, lens) == pytest.approx(alone, abs=1e-5)
+    for name, logits in leaky.items():  # controls: samples see each other, so later losses change
+        leaked = _per_sample_losses(logits, labels, lens)
+        assert max(abs(x - y) for x, y in zip(leaked[1:], alone[1:])) > 1e-3, name
+    # the model's own loss is the mean over the trained tokens of all samples
+    assert packed.loss.item() == pytest.approx(sum(alone) / sum((labels[0, 1:] != td.IGNORE_INDEX).tolist()), abs=1e-5)

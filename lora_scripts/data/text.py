@@ -153,6 +153,8 @@ def detect_format(record: Record) -> str:
 
 def resolve_format(records: list[Record], data_format: str = "auto") -> str:
     """Resolve ``auto`` from the first record's fields and require every record to match it."""
+    if not records:
+        raise DataError("no samples to train on")
     if data_format not in DATA_FORMATS:
         raise DataError(f"unknown data_format {data_format!r}; choose one of {', '.join(DATA_FORMATS)}")
     if data_format != "auto":
@@ -202,7 +204,7 @@ def normalize_record(record: Record, fmt: str) -> list[Turn]:
         if not isinstance(item, dict) or role_key not in item or content_key not in item:
             found = sorted(item) if isinstance(item, dict) else type(item).__name__
             raise DataError(f"{record.where}: {key}[{i}] needs fields {role_key!r} and {content_key!r}, found {found}")
-        if (role := roles.get(item[role_key])) is None:
+        if (role := roles.get(item[role_key]) if isinstance(item[role_key], str) else None) is None:
             raise DataError(f"{record.where}: {key}[{i}] has unsupported {role_key} {item[role_key]!r}; "
                             f"use {', '.join(roles)}")
         if not isinstance(item[content_key], str):

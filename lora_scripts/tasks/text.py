@@ -179,7 +179,11 @@ class TextTask(Task):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits
+        mask = inputs["attention_mask"]
+        if mask.dim() == 4:  # the additive packing mask must be in the model's dtype (eager attention adds it)
+            inputs["attention_mask"] = mask.to(self.model.dtype)
+        # use_cache=False: no KV cache in training (and a cache would let transformers re-derive masks)
+        logits = model(**inputs, use_cache=False).logits
         labels = batch["labels"].to(self.device)
         return torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
