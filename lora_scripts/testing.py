@@ -195,26 +195,35 @@ INSTRUCTIONS = [
 ]
 
 
-def make_tiny_tokenizer(folder: Path, chat_template: str | None = None):
-    """A byte-level BPE tokenizer trained with the `tokenizers` library on the built-in instruction set."""
+def build_tiny_tokenizer(corpus: list[str] | None = None, chat_template: str | None = None, add_bos: bool = True):
+    """A byte-level BPE tokenizer trained with the `tokenizers` library (default corpus: the built-in instruction
+    set), with ChatML and Llama-3 special tokens. ``add_bos``: prepend ``<s>`` like LLaMA (Qwen adds none)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [" ".join(parts) for parts in INSTRUCTIONS] * 4 + ["Instruction Input Response ### assistant user system"]
+    if corpus is None:
+        corpus = [" ".join(parts) for parts in INSTRUCTIONS] * 4 + ["Instruction Input Response ### assistant user system"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=TEXT_SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    if add_bos:
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", bos)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
         additional_special_tokens=TEXT_SPECIAL_TOKENS[4:], model_max_length=512,
     )
-    if chat_template:
-        fast.chat_template = chat_template
+    fast.chat_template = chat_template
+    return fast
+
+
+def make_tiny_tokenizer(folder: Path, chat_template: str | None = None):
+    """:func:`build_tiny_tokenizer` saved to ``folder`` with ``save_pretrained``."""
+    fast = build_tiny_tokenizer(chat_template=chat_template)
     fast.save_pretrained(folder)
     return fast
 

@@ -19,3 +19,12 @@ def test_demo_trains_exports_and_renders(tmp_path):
     with Image.open(sample) as img:
         assert img.width > img.height  # without | with, side by side
     assert "s/step" in proc.stdout and "peak memory" in proc.stdout
+
+
+def test_text_demo_trains_and_prints_the_merge_command(tmp_path):
+    proc = run_cli("demo", "--task", "text", "--output-dir", str(tmp_path / "demo"), "--steps", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapter = tmp_path / "demo" / "text_lora" / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert "Name a colour." in (tmp_path / "demo" / "text_lora" / "logs" / "samples.txt").read_text()
+    assert f"--adapter {adapter} --merge" in proc.stdout

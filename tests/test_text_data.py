@@ -16,8 +16,6 @@ import torch
 from lora_scripts.data import text as td
 from lora_scripts.errors import DataError
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
-            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 CORPUS = ["hello there, how are you today?", "I am fine, thank you very much.", "What is two plus two?",
           "Two plus two is four.", "You are a helpful assistant.", "Translate to French: good morning",
           "### Instruction:\n### Response:\nsystem user assistant"] * 3
@@ -33,22 +31,9 @@ CONV = [{"role": "system", "content": "You are a helpful assistant."},
 
 
 def _make_tokenizer(chat_template: str | None = None, add_bos: bool = False):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from lora_scripts.testing import build_tiny_tokenizer
 
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(CORPUS, trainer)
-    if add_bos:
-        backend.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>", additional_special_tokens=SPECIALS[4:])
-    tok.chat_template = chat_template
-    return tok
+    return build_tiny_tokenizer(CORPUS, chat_template=chat_template, add_bos=add_bos)
 
 
 @pytest.fixture(scope="module")
