@@ -25,6 +25,10 @@ def render_comparison(base_model: Path, lora_file: Path, prompt: str, out_path: 
     without = render()
     pipe.load_lora_weights(str(lora_file))
     with_lora = render()
+    import numpy as np
+
+    diff = np.abs(np.asarray(with_lora, dtype=np.float32) - np.asarray(without, dtype=np.float32)).mean()
+    print(f"  mean |with LoRA - without| per pixel: {diff:.2f} / 255 (a tiny random model draws noise either way)")
     canvas = Image.new("RGB", (without.width * 2 + 4, without.height), "white")
     canvas.paste(without, (0, 0))
     canvas.paste(with_lora, (without.width + 4, 0))
