@@ -85,6 +85,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .data.label import LabelOptions, label_folder
+
+    if args.backend == "caption":
+        quiet_libraries()
+    input_dir = Path(args.input)
+    output = Path(args.output) if args.output else input_dir / "metadata.csv"
+    options = LabelOptions(
+        backend=args.backend, model=args.model, trigger=args.trigger, prefix=args.prefix, existing=args.existing,
+        recursive=args.recursive, batch_size=args.batch_size,
+    )
+    bars = []
+
+    def make_progress(total: int):
+        bars.append(tqdm(total=total, unit="img", desc=f"label ({args.backend})"))
+        return bars[-1].update
+
+    try:
+        result = label_folder(input_dir, output, options, make_progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    print(f"wrote {output}: {len(result.rows)} rows ({result.labelled} labelled, {result.kept} kept)")
+    if result.missing_sidecars:
+        shown = ", ".join(result.missing_sidecars[:5])
+        print(f"warning: {len(result.missing_sidecars)} images have no .txt/.caption file and got no row: {shown}")
+    return 0
+
+
+def add_label_args(p: argparse.ArgumentParser) -> None:
+    """Options of `lora-scripts label` and `tools/auto_label.py`."""
+    p.add_argument("--input", required=True, help="folder of images")
+    p.add_argument("--output", help="CSV to write (default: <input>/metadata.csv)")
+    p.add_argument("--backend", choices=["caption", "sidecar", "filename"], default="caption",
+                   help="caption: a captioning model (BLIP); sidecar: .txt/.caption files; filename: the file name")
+    p.add_argument("--model", help="captioning model folder or hub id (default: Salesforce/blip-image-captioning-base)")
+    p.add_argument("--trigger", help="trigger word put first in every caption")
+    p.add_argument("--prefix", help="text put before every caption (after the trigger word)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--skip-existing", dest="existing", action="store_const", const="skip",
+                      help="keep rows already in the output, label only new images (default)")
+    mode.add_argument("--overwrite", dest="existing", action="store_const", const="overwrite",
+                      help="label every image again")
+    mode.add_argument("--append", dest="existing", action="store_const", const="append",
+                      help="add the new caption after the existing one")
+    p.set_defaults(existing="skip")
+    p.add_argument("--recursive", action="store_true", help="include images in sub-folders")
+    p.add_argument("--batch-size", type=int, default=8, help="images per captioning batch")
+    p.set_defaults(func=cmd_label)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if not args.merge:
         raise UserError("export: only --merge is available so far (training already writes the LoRA files)")
@@ -114,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config-keys", help="list every config key with its default and meaning")
     p.set_defaults(func=lambda a: print(__import__("lora_scripts.config", fromlist=["x"]).describe_fields()) or 0)
+
+    p = sub.add_parser("label", help="write filename,prompt rows for a folder of images (auto-labelling)")
+    add_label_args(p)
 
     p = sub.add_parser("export", help="merge a text LoRA adapter into its base model")
     p.add_argument("--adapter", required=True, help="PEFT adapter folder, e.g. <output_dir>/adapter")

@@ -271,3 +271,28 @@ def make_instruction_data(path: Path, fmt: str = "alpaca", repeat: int = 1) -> P
         lines.append(json.dumps(record))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def make_tiny_blip(folder: Path, seed: int = 0) -> Path:
+    """A tiny randomly initialised BLIP captioner (model + processor) saved like a real one (about 60 k params)."""
+    import torch
+    from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor)
+
+    folder = Path(folder)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "the",
+             *SHAPES, *COLOURS, "on", "white", "background"]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, bos_token="[DEC]")
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, encoder_hidden_size=32, bos_token_id=5, pad_token_id=0,
+                         sep_token_id=3, eos_token_id=3, max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=32,
+    )
+    torch.manual_seed(seed)
+    BlipForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
