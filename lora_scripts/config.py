@@ -93,6 +93,10 @@ class TrainConfig(_Strict):
 
     # --- data ----------------------------------------------------------------------------------------------------
     resolution: int = Field(512, ge=8, description="Training image size: shorter side resized, then cropped square.")
+    caption_source: Literal["auto", "csv", "sidecar", "kohya_json", "jsonl"] = Field(
+        "auto", description="image: where captions come from; auto: metadata_path if it exists (.csv, kohya .json or "
+        ".jsonl), else <train_data_dir>/metadata.jsonl, else sidecar .txt/.caption files.",
+    )
     random_crop: bool = Field(False, description="Crop at a random position instead of the centre.")
     random_flip: bool = Field(False, description="Flip images horizontally with probability 0.5.")
     dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process).")

@@ -31,6 +31,7 @@ class ImageDataSummary:
 
     samples: list[CaptionedImage]
     dataset_hash: str
+    source: str = ""
 
 
 def read_metadata(train_data_dir: Path, metadata_path: Path) -> list[CaptionedImage]:
@@ -79,9 +80,11 @@ def read_metadata(train_data_dir: Path, metadata_path: Path) -> list[CaptionedIm
     return samples
 
 
-def check_image_dataset(train_data_dir: Path, metadata_path: Path) -> ImageDataSummary:
-    """Check every row and every image (opened and decoded); return the samples and a dataset hash."""
-    samples = read_metadata(train_data_dir, metadata_path)
+def check_image_dataset(train_data_dir: Path, metadata_path: Path, caption_source: str = "auto") -> ImageDataSummary:
+    """Check every caption and every image (opened and decoded); return the samples and a dataset hash."""
+    from .captions import read_captions
+
+    samples, source = read_captions(train_data_dir, metadata_path, caption_source)
     digest = hashlib.sha256()
     for line, sample in enumerate(samples, start=2):
         data = sample.path.read_bytes()
@@ -89,10 +92,10 @@ def check_image_dataset(train_data_dir: Path, metadata_path: Path) -> ImageDataS
             with Image.open(io.BytesIO(data)) as img:
                 img.load()  # a full decode: verify() misses truncated files
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"{sample.path}: unreadable image ({exc}); fix or remove it from {metadata_path}") from None
+            raise DataError(f"{sample.path}: unreadable image ({exc}); fix or remove it from {source}") from None
         digest.update(sample.path.name.encode() + b"\0" + sample.prompt.encode() + b"\0")
         digest.update(hashlib.sha256(data).digest())
-    return ImageDataSummary(samples, digest.hexdigest())
+    return ImageDataSummary(samples, digest.hexdigest(), source)
 
 
 def load_image_tensor(

@@ -86,12 +86,12 @@ class ImageTask(Task):
         check_diffusers_model_path(self.cfg.base_model)
 
     def check_data(self) -> DataSummary:
-        found = check_image_dataset(self.cfg.train_data_dir, self.cfg.metadata_path)
+        found = check_image_dataset(self.cfg.train_data_dir, self.cfg.metadata_path, self.cfg.caption_source)
         self._samples = found.samples
         return DataSummary(
             num_samples=len(found.samples),
             dataset_hash=found.dataset_hash,
-            description=f"{len(found.samples)} captioned images from {self.cfg.metadata_path}",
+            description=f"{len(found.samples)} captioned images from {found.source}",
         )
 
     def load_model(self, device: torch.device, weight_dtype: torch.dtype) -> torch.nn.Module:
