@@ -97,6 +97,10 @@ class TrainConfig(_Strict):
         "auto", description="image: where captions come from; auto: metadata_path if it exists (.csv, kohya .json or "
         ".jsonl), else <train_data_dir>/metadata.jsonl, else sidecar .txt/.caption files.",
     )
+    caption_dropout: float = Field(0.0, ge=0, le=1, description="image: probability of training a sample with an empty caption.")
+    shuffle_tags: bool = Field(False, description="image: shuffle comma-separated tags each time a sample is drawn.")
+    keep_tokens: int = Field(0, ge=0, description="image: leading tags that shuffle_tags leaves in place.")
+    trigger_word: str | None = Field(None, description="image: word put first in every caption (unless present).")
     random_crop: bool = Field(False, description="Crop at a random position instead of the centre.")
     random_flip: bool = Field(False, description="Flip images horizontally with probability 0.5.")
     dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process).")

@@ -75,3 +75,15 @@ def test_kohya_json_missing_image(image_data):
     (image_data / "meta.json").write_text(json.dumps({"nope": {"caption": "x"}}))
     with pytest.raises(DataError, match="image for key 'nope' not found"):
         read_captions(image_data, image_data / "meta.json")
+
+
+def test_caption_options_train_and_resume_exactly(write_config, tmp_path):
+    from .helpers import assert_same_tensors
+
+    opts = dict(shuffle_tags=True, keep_tokens=1, trigger_word="sks", caption_dropout=0.3, save_steps=2)
+    train(load_config(write_config("a.yaml", output="straight", max_train_steps=4, **opts)), show_progress=False)
+    train(load_config(write_config("b.yaml", output="split", max_train_steps=2, **opts)), show_progress=False)
+    train(load_config(write_config("b.yaml", output="split", max_train_steps=4, resume="latest", **opts)),
+          show_progress=False)
+    assert_same_tensors(tmp_path / "straight/checkpoints/step-4/adapter.safetensors",
+                        tmp_path / "split/checkpoints/step-4/adapter.safetensors")

@@ -67,3 +67,19 @@ def test_batch_plan_is_layout_independent():
         assert set(flat) == set(range(7)) and len(flat) == 8  # every sample, padded by wrapping around
     assert one.micro_batches(0, 0) != one.micro_batches(1, 0)  # a new order every epoch
     assert one.micro_batches(1, 0, start_step=1) == one.micro_batches(1, 0)[1:]  # resume mid-epoch
+
+
+def test_caption_options_shuffle_keep_trigger_dropout():
+    from lora_scripts.data.images import augment_caption
+
+    prompt = "style of lora, red, circle, bold, flat"
+    assert augment_caption(prompt, np.random.default_rng(0)) == prompt  # no options, no change
+    shuffled = {augment_caption(prompt, np.random.default_rng(s), shuffle_tags=True, keep_tokens=1) for s in range(20)}
+    assert len(shuffled) > 1 and all(c.startswith("style of lora, ") for c in shuffled)
+    assert all(sorted(c.split(", ")) == sorted(prompt.split(", ")) for c in shuffled)
+    assert augment_caption("red, circle", np.random.default_rng(0), trigger_word="sks") == "sks, red, circle"
+    assert augment_caption("sks, red", np.random.default_rng(0), trigger_word="sks") == "sks, red"
+    dropped = [augment_caption(prompt, np.random.default_rng(s), caption_dropout=0.5) for s in range(200)]
+    assert 60 < dropped.count("") < 140 and set(dropped) == {"", prompt}
+    a = augment_caption(prompt, np.random.default_rng(5), shuffle_tags=True, caption_dropout=0.3)
+    assert a == augment_caption(prompt, np.random.default_rng(5), shuffle_tags=True, caption_dropout=0.3)

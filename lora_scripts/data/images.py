@@ -125,3 +125,19 @@ def load_image_tensor(
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def augment_caption(
+    prompt: str, rng: np.random.Generator, *, shuffle_tags: bool = False, keep_tokens: int = 0,
+    trigger_word: str | None = None, caption_dropout: float = 0.0,
+) -> str:
+    """Caption options, driven by the sample's own generator: tag shuffling (the first ``keep_tokens`` tags stay),
+    a trigger word put first, and caption dropout (an empty caption, so the LoRA also learns unconditioned)."""
+    drop = caption_dropout > 0 and rng.random() < caption_dropout  # drawn first so the other options don't shift it
+    tags = [t.strip() for t in prompt.split(",") if t.strip()]
+    if shuffle_tags and len(tags) > keep_tokens + 1:
+        rest = tags[keep_tokens:]
+        tags = tags[:keep_tokens] + [rest[i] for i in rng.permutation(len(rest))]
+    if trigger_word and trigger_word not in tags:
+        tags.insert(0, trigger_word)
+    return "" if drop else ", ".join(tags) if (shuffle_tags or trigger_word) else prompt

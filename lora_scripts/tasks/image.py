@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..data.images import CaptionedImage, check_image_dataset, load_image_tensor
+from ..data.images import CaptionedImage, augment_caption, check_image_dataset, load_image_tensor
 from ..errors import ConfigError
 from .base import DataSummary, RunInfo, SampleKey, Task
 
@@ -27,12 +27,14 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class ImageCaptionDataset(Dataset):
     """Captioned images as (pixels in [-1, 1], token ids, per-sample seed)."""
 
-    def __init__(self, samples: list[CaptionedImage], tokenizer: Any, resolution: int, random_crop: bool, random_flip: bool):
+    def __init__(self, samples: list[CaptionedImage], tokenizer: Any, cfg: Any):
         self.samples = samples
         self.tokenizer = tokenizer
-        self.resolution = resolution
-        self.random_crop = random_crop
-        self.random_flip = random_flip
+        self.resolution = cfg.resolution
+        self.random_crop = cfg.random_crop
+        self.random_flip = cfg.random_flip
+        self.caption_options = dict(shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
+                                    trigger_word=cfg.trigger_word, caption_dropout=cfg.caption_dropout)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -42,8 +44,9 @@ class ImageCaptionDataset(Dataset):
         sample = self.samples[index]
         rng = np.random.default_rng(seed)
         pixels = load_image_tensor(sample.path, self.resolution, rng, self.random_crop, self.random_flip)
+        prompt = augment_caption(sample.prompt, rng, **self.caption_options)
         ids = self.tokenizer(
-            sample.prompt, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
+            prompt, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
             return_tensors="pt",
         ).input_ids[0]
         return {"pixels": torch.from_numpy(pixels), "input_ids": ids, "seed": seed}
@@ -139,9 +142,7 @@ class ImageTask(Task):
         model.enable_gradient_checkpointing()
 
     def dataset(self, summary: DataSummary) -> Dataset:
-        return ImageCaptionDataset(
-            self._samples, self.tokenizer, self.cfg.resolution, self.cfg.random_crop, self.cfg.random_flip
-        )
+        return ImageCaptionDataset(self._samples, self.tokenizer, self.cfg)
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return {
