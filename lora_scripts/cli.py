@@ -67,6 +67,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     task = make_task(cfg)
     task.check_base_model()
+    if hasattr(task, "data_report"):  # the image task reports every finding at once
+        report = task.data_report()
+        print(report.to_json() if args.json else report.render())
+        return 2 if report.errors else 0
     summary = task.check_data()
     print(f"ok: {summary.description} (dataset hash {summary.dataset_hash[:12]})")
     return 0
@@ -163,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="check the config, base model path and data without training")
     _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON (for CI)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("config-keys", help="list every config key with its default and meaning")

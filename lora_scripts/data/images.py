@@ -6,13 +6,12 @@ The check runs before any model is loaded, so bad data costs seconds, not GPU ti
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from ..errors import DataError
 
@@ -81,21 +80,20 @@ def read_metadata(train_data_dir: Path, metadata_path: Path) -> list[CaptionedIm
 
 
 def check_image_dataset(train_data_dir: Path, metadata_path: Path, caption_source: str = "auto") -> ImageDataSummary:
-    """Check every caption and every image (opened and decoded); return the samples and a dataset hash."""
-    from .captions import read_captions
+    """Check every caption and image (see :mod:`.check`); raise the first error, return samples and dataset hash."""
+    from .check import check_images
 
-    samples, source = read_captions(train_data_dir, metadata_path, caption_source)
-    digest = hashlib.sha256()
-    for line, sample in enumerate(samples, start=2):
-        data = sample.path.read_bytes()
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()  # a full decode: verify() misses truncated files
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"{sample.path}: unreadable image ({exc}); fix or remove it from {source}") from None
-        digest.update(sample.path.name.encode() + b"\0" + sample.prompt.encode() + b"\0")
-        digest.update(hashlib.sha256(data).digest())
-    return ImageDataSummary(samples, digest.hexdigest(), source)
+    report = check_images(train_data_dir, metadata_path, resolution=0, caption_source=caption_source)
+    raise_for_errors(report)
+    return ImageDataSummary(report.samples, report.dataset_hash, report.source)
+
+
+def raise_for_errors(report) -> None:
+    """Raise the report's first error as a one-line DataError (counting the others)."""
+    if report.errors:
+        more = len(report.errors) - 1
+        suffix = f" (and {more} more errors: run `lora-scripts check --config ...` for the full report)" if more else ""
+        raise DataError(report.errors[0].message + suffix)
 
 
 def load_image_tensor(
@@ -106,6 +104,7 @@ def load_image_tensor(
     ``rng`` is a per-sample generator so augmentation is reproducible and independent of batch layout.
     """
     with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
         if img.mode in ("RGBA", "LA", "P") and (img.mode != "P" or "transparency" in img.info):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))

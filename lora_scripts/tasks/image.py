@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..data.images import CaptionedImage, augment_caption, check_image_dataset, load_image_tensor
+from ..data.images import CaptionedImage, augment_caption, load_image_tensor
 from ..errors import ConfigError
 from .base import DataSummary, RunInfo, SampleKey, Task
 
@@ -88,13 +88,35 @@ class ImageTask(Task):
             raise ConfigError("network_weights: continuing from an existing LoRA is supported for task: text only so far")
         check_diffusers_model_path(self.cfg.base_model)
 
+    def data_report(self):
+        """The full data check (no model loaded; the tokenizer only, when it is a local folder, to count tokens)."""
+        from ..data.check import check_images
+
+        tokenizer = None
+        local = Path(self.cfg.base_model).expanduser() / "tokenizer"
+        if (local / "vocab.json").is_file():
+            from transformers import CLIPTokenizer
+
+            tokenizer = CLIPTokenizer.from_pretrained(local)
+        cfg = self.cfg
+        return check_images(cfg.train_data_dir, cfg.metadata_path, cfg.resolution, cfg.caption_source,
+                            max_caption_tokens=tokenizer.model_max_length if tokenizer else None, tokenizer=tokenizer)
+
     def check_data(self) -> DataSummary:
-        found = check_image_dataset(self.cfg.train_data_dir, self.cfg.metadata_path, self.cfg.caption_source)
-        self._samples = found.samples
+        import os
+
+        from ..data.images import raise_for_errors
+
+        report = self.data_report()
+        raise_for_errors(report)
+        if os.environ.get("RANK", "0") == "0":
+            for finding in report.warnings:
+                print(f"warning: {finding.message}")
+        self._samples = report.samples
         return DataSummary(
-            num_samples=len(found.samples),
-            dataset_hash=found.dataset_hash,
-            description=f"{len(found.samples)} captioned images from {found.source}",
+            num_samples=report.num_samples,
+            dataset_hash=report.dataset_hash,
+            description=f"{report.num_samples} captioned images from {report.source}",
         )
 
     def load_model(self, device: torch.device, weight_dtype: torch.dtype) -> torch.nn.Module:

@@ -1,0 +1,114 @@
+"""The image data check behind ``lora-scripts check`` and the start of ``train``: every problem at once, as a
+readable report or JSON for CI. Loads no model (only the tokenizer, to count caption tokens)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import DataError
+from .captions import read_captions
+from .images import CaptionedImage
+from .label import list_images
+
+
+@dataclass
+class Finding:
+    level: str  # "error" stops training; "warning" is reported
+    code: str
+    message: str
+
+
+@dataclass
+class DataReport:
+    """What the check found."""
+
+    source: str = ""
+    num_samples: int = 0
+    dataset_hash: str = ""
+    findings: list[Finding] = field(default_factory=list)
+    samples: list[CaptionedImage] = field(default_factory=list, repr=False)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "warning"]
+
+    def add(self, level: str, code: str, message: str) -> None:
+        self.findings.append(Finding(level, code, message))
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {k: v for k, v in asdict(self).items() if k != "samples"}
+        data.update(ok=not self.errors, errors=len(self.errors), warnings=len(self.warnings))
+        return json.dumps(data, indent=2)
+
+    def render(self) -> str:
+        head = f"{self.num_samples} captioned images from {self.source}" if self.source else "no data read"
+        lines = [f"{'ok' if not self.errors else 'FAILED'}: {head}; {len(self.errors)} errors, "
+                 f"{len(self.warnings)} warnings"]
+        lines += [f"  {f.level}: {f.message}" for f in self.findings]
+        return "\n".join(lines)
+
+
+def check_images(
+    train_data_dir: Path, metadata_path: Path, resolution: int, caption_source: str = "auto",
+    max_caption_tokens: int | None = None, tokenizer: Any = None,
+) -> DataReport:
+    """Check captions and images; collect every finding instead of stopping at the first."""
+    report = DataReport()
+    try:
+        samples, report.source = read_captions(train_data_dir, metadata_path, caption_source)
+    except DataError as exc:
+        report.add("error", "captions", str(exc))
+        return report
+    digest = hashlib.sha256()
+    by_content: dict[str, str] = {}
+    for sample in samples:
+        data = sample.path.read_bytes()
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()  # a full decode: verify() misses truncated files
+                width, height = ImageOps.exif_transpose(img).size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            report.add("error", "unreadable", f"{sample.path}: unreadable image ({exc}); fix or remove it from {report.source}")
+            continue
+        content = hashlib.sha256(data).hexdigest()
+        if content in by_content:
+            report.add("warning", "duplicate_file", f"{sample.path.name} has the same content as {by_content[content]}")
+        by_content.setdefault(content, sample.path.name)
+        if min(width, height) < resolution / 4:
+            report.add("error", "too_small", f"{sample.path}: {width}x{height} is unusably small for resolution "
+                       f"{resolution} (under a quarter); remove it or lower resolution")
+        elif min(width, height) < resolution:
+            report.add("warning", "small", f"{sample.path.name}: {width}x{height} is smaller than resolution "
+                       f"{resolution} and will be upscaled")
+        if not sample.prompt.strip():
+            report.add("warning", "empty_caption", f"{sample.path.name}: empty caption")
+        digest.update(sample.path.name.encode() + b"\0" + sample.prompt.encode() + b"\0" + bytes.fromhex(content))
+
+    counts = Counter(s.prompt for s in samples if s.prompt.strip())
+    for prompt, n in counts.items():
+        if n > 1:
+            report.add("warning", "duplicate_caption", f"{n} images share the caption {prompt!r}")
+    captioned = {s.path.resolve() for s in samples}
+    uncaptioned = [n for n in list_images(train_data_dir) if (train_data_dir / n).resolve() not in captioned]
+    if uncaptioned:
+        report.add("warning", "uncaptioned", f"{len(uncaptioned)} images in {train_data_dir} have no caption and are "
+                   f"not used (e.g. {uncaptioned[0]})")
+    if tokenizer is not None and max_caption_tokens:
+        long = [s for s in samples if len(tokenizer(s.prompt).input_ids) > max_caption_tokens]
+        if long:
+            report.add("warning", "long_caption", f"{len(long)} captions exceed the text encoder's "
+                       f"{max_caption_tokens} tokens and are cut (e.g. {long[0].path.name})")
+    report.samples, report.num_samples, report.dataset_hash = samples, len(samples), digest.hexdigest()
+    return report
