@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -32,6 +32,18 @@ class LoggingConfig(_Strict):
     wandb: bool = Field(False, description="Also log to Weights & Biases (needs `pip install wandb`).")
     wandb_project: str | None = Field(None, description="W&B project name (default: lora-scripts).")
     log_every_n_steps: int = Field(1, ge=1, description="Log loss every N optimizer steps.")
+
+
+class SamplePrompt(_Strict):
+    """One sample to generate during training (a plain string in the config means just ``prompt``)."""
+
+    prompt: str = Field(..., description="The prompt.")
+    negative_prompt: str = Field("", description="image: negative prompt.")
+    width: int | None = Field(None, ge=8, description="image: width (default: resolution).")
+    height: int | None = Field(None, ge=8, description="image: height (default: resolution).")
+    steps: int = Field(20, ge=1, description="image: denoising steps.")
+    seed: int = Field(0, ge=0, description="image: seed of the starting noise.")
+    guidance_scale: float = Field(7.0, ge=0, description="image: classifier-free guidance scale.")
 
 
 class TrainConfig(_Strict):
@@ -86,8 +98,14 @@ class TrainConfig(_Strict):
         0.0, ge=0, description="text: held-out share (0-1) or count (>=1) of samples for eval loss."
     )
     val_data: Path | None = Field(None, description="text: a separate validation file (instead of val_size).")
-    sample_prompts: list[str] = Field(
-        default_factory=list, description="text: prompts to generate from at checkpoints and at the end (logged)."
+    sample_prompts: list[SamplePrompt] = Field(
+        default_factory=list,
+        description="Samples generated during training: strings, or mappings with prompt, negative_prompt, width, "
+        "height, steps, seed, guidance_scale (image). Images go to <output_dir>/samples/, text to logs/samples.txt; "
+        "both to TensorBoard.",
+    )
+    sample_every_n_steps: int | None = Field(
+        None, ge=1, description="Generate samples every N steps (default: at each checkpoint) and at the end."
     )
     sample_max_new_tokens: int = Field(32, ge=1, description="text: tokens generated per sample prompt.")
 
@@ -130,6 +148,13 @@ class TrainConfig(_Strict):
         None, description="`latest` (newest complete checkpoint in output_dir, or a fresh start if none) or a path."
     )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="TensorBoard, loss.csv, W&B.")
+
+    @field_validator("sample_prompts", mode="before")
+    @classmethod
+    def _prompt_strings(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"prompt": v} if isinstance(v, str) else v for v in value]
+        return value
 
     @model_validator(mode="after")
     def _defaults(self) -> "TrainConfig":

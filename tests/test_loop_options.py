@@ -70,3 +70,26 @@ def test_lora_params_are_the_only_trainable_ones(make_cfg):
     assert not any(p.requires_grad for p in trainer.task.vae.parameters())
     assert not any(p.requires_grad for p in trainer.task.text_encoder.parameters())
     assert all(p.dtype == torch.float32 for n, p in unet.named_parameters() if p.requires_grad)
+
+
+def test_sample_images_during_training_do_not_disturb_resume(write_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from .helpers import assert_same_tensors
+
+    samples = [{"prompt": "a red circle", "seed": 1, "steps": 3, "negative_prompt": "blurry"},
+               "a blue square"]
+    train(load_config(write_config("a.yaml", output="plain", max_train_steps=4)), show_progress=False)
+    train(load_config(write_config("b.yaml", output="sampled", max_train_steps=4, sample_prompts=samples,
+                                   sample_every_n_steps=2, lora_dropout=0.0, logging={"tensorboard": True})),
+          show_progress=False)
+    images = sorted(p.name for p in (tmp_path / "sampled" / "samples").iterdir())
+    assert images == ["step-000002-0.png", "step-000002-1.png", "step-000004-0.png", "step-000004-1.png"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "sampled" / "samples" / images[0]).size == (32, 32)
+    acc = EventAccumulator(str(tmp_path / "sampled" / "logs"))
+    acc.Reload()
+    assert "samples/0" in acc.Tags()["images"]
+    assert_same_tensors(tmp_path / "plain/checkpoints/step-4/adapter.safetensors",
+                        tmp_path / "sampled/checkpoints/step-4/adapter.safetensors")

@@ -114,9 +114,9 @@ class Task(ABC):
         """Held-out samples (keyed like :meth:`dataset`) whose mean loss is logged as ``eval_loss``."""
         return None
 
-    def generate_samples(self, model: "torch.nn.Module") -> dict[str, str]:
-        """Outputs for the configured sample prompts (prompt -> text), logged at checkpoints and at the end."""
-        return {}
+    def generate_samples(self, model: "torch.nn.Module") -> list[tuple[str, Any]]:
+        """(label, output) for each configured sample prompt; output is a str (text) or a PIL image (image)."""
+        return []
 
     # --- output --------------------------------------------------------------------------------------------------
     @abstractmethod

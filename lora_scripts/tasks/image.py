@@ -203,6 +203,27 @@ class ImageTask(Task):
         per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return per_sample.sum()
 
+    def generate_samples(self, model: torch.nn.Module) -> list[tuple[str, Any]]:
+        """Render the sample prompts with the frozen components and the LoRA-carrying UNet (nothing reloaded)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=model,
+            scheduler=DDIMScheduler.from_config(self.noise_scheduler.config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        out = []
+        for sample in self.cfg.sample_prompts:
+            generator = torch.Generator(device=self.device).manual_seed(sample.seed)
+            image = pipe(
+                sample.prompt, negative_prompt=sample.negative_prompt or None, width=sample.width or self.cfg.resolution,
+                height=sample.height or self.cfg.resolution, num_inference_steps=sample.steps,
+                guidance_scale=sample.guidance_scale, generator=generator,
+            ).images[0]
+            out.append((f"{sample.prompt} (seed {sample.seed})", image))
+        return out
+
     # --- export --------------------------------------------------------------------------------------------------
     def base_model_version(self) -> str:
         """kohya's ``ss_base_model_version``: sd_v1, sd_v2 or sd_v2_v (v-prediction)."""

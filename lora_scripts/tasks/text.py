@@ -200,16 +200,17 @@ class TextTask(Task):
         first_trained = next(i for i, label in enumerate(rendered.labels) if label != IGNORE_INDEX)
         return rendered.input_ids[:first_trained]
 
-    def generate_samples(self, model: torch.nn.Module) -> dict[str, str]:
-        out = {}
-        for prompt in self.cfg.sample_prompts:
+    def generate_samples(self, model: torch.nn.Module) -> list[tuple[str, Any]]:
+        out = []
+        for sample in self.cfg.sample_prompts:
+            prompt = sample.prompt
             ids = torch.tensor([self.prompt_ids(prompt)], device=self.device)
             with torch.no_grad():
                 generated = model.generate(
                     input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.cfg.sample_max_new_tokens,
                     do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
                 )
-            out[prompt] = self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+            out.append((prompt, self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)))
         return out
 
     def export(self, model: torch.nn.Module, output_dir: Path, run: RunInfo) -> list[Path]:

@@ -78,17 +78,28 @@ class TrainingLogger:
         if self._wandb is not None:
             self._wandb.log({**scalars, "epoch": epoch}, step=step)
 
-    def log_samples(self, step: int, samples: dict[str, str]) -> None:
-        """Append generated samples to ``samples.txt`` and TensorBoard's text tab."""
-        path = self.log_dir / "samples.txt"
-        with open(path, "a", encoding="utf-8") as fh:
-            for prompt, text in samples.items():
-                fh.write(f"--- step {step} | prompt: {prompt!r}\n{text}\n")
-        if path not in self.files:
-            self.files.append(path)
-        if self._tb is not None:
-            for i, (prompt, text) in enumerate(samples.items()):
-                self._tb.add_text(f"samples/{i}", f"**{prompt}**\n\n{text}", step)
+    def log_samples(self, step: int, samples: list[tuple[str, Any]]) -> None:
+        """Text samples to ``logs/samples.txt``, images to ``<output_dir>/samples/``; both to TensorBoard."""
+        text_path = self.log_dir / "samples.txt"
+        image_dir = self.log_dir.parent / "samples"
+        for i, (label, value) in enumerate(samples):
+            if isinstance(value, str):
+                with open(text_path, "a", encoding="utf-8") as fh:
+                    fh.write(f"--- step {step} | prompt: {label!r}\n{value}\n")
+                if text_path not in self.files:
+                    self.files.append(text_path)
+                if self._tb is not None:
+                    self._tb.add_text(f"samples/{i}", f"**{label}**\n\n{value}", step)
+            else:  # a PIL image
+                import numpy as np
+
+                image_dir.mkdir(parents=True, exist_ok=True)
+                path = image_dir / f"step-{step:06d}-{i}.png"
+                value.save(path)
+                if image_dir not in self.files:
+                    self.files.append(image_dir)
+                if self._tb is not None:
+                    self._tb.add_image(f"samples/{i}", np.asarray(value.convert("RGB")), step, dataformats="HWC")
 
     def close(self) -> None:
         if self._csv is not None:

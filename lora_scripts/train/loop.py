@@ -286,7 +286,10 @@ class Trainer:
         if self.cfg.sample_prompts and self.is_main:
             model = self.accelerator.unwrap_model(self.model)
             model.eval()
-            samples = self.task.generate_samples(model)
+            rng = _rng_states()  # sampling must not shift the training's random stream (exact resume)
+            with torch.no_grad():
+                samples = self.task.generate_samples(model)
+            _set_rng_states(rng)
             model.train()
             if logger is not None and samples:
                 logger.log_samples(step, samples)
@@ -380,7 +383,8 @@ class Trainer:
                     progress.write(f"step {step}: eval loss {eval_loss:.4f}")
                 if is_save:
                     last_checkpoint = self.save_checkpoint(step)
-                if is_save or is_last:
+                every = cfg.sample_every_n_steps
+                if is_last or (step % every == 0 if every else is_save):
                     self._log_samples(logger, step)
             progress.close()
             if step > start_step or last_checkpoint is None:
