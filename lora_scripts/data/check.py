@@ -35,6 +35,7 @@ class DataReport:
     dataset_hash: str = ""
     findings: list[Finding] = field(default_factory=list)
     samples: list[CaptionedImage] = field(default_factory=list, repr=False)
+    sizes: list[tuple[int, int]] = field(default_factory=list, repr=False)  # (width, height) upright, per sample
 
     @property
     def errors(self) -> list[Finding]:
@@ -48,7 +49,7 @@ class DataReport:
         self.findings.append(Finding(level, code, message))
 
     def to_json(self) -> str:
-        data: dict[str, Any] = {k: v for k, v in asdict(self).items() if k != "samples"}
+        data: dict[str, Any] = {k: v for k, v in asdict(self).items() if k not in ("samples", "sizes")}
         data.update(ok=not self.errors, errors=len(self.errors), warnings=len(self.warnings))
         return json.dumps(data, indent=2)
 
@@ -82,6 +83,7 @@ def check_images(
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             report.add("error", "unreadable", f"{sample.path}: unreadable image ({exc}); fix or remove it from {report.source}")
             continue
+        report.sizes.append((width, height))
         content = hashlib.sha256(data).hexdigest()
         if content in by_content:
             report.add("warning", "duplicate_file", f"{sample.path.name} has the same content as {by_content[content]}")

@@ -97,12 +97,15 @@ def raise_for_errors(report) -> None:
 
 
 def load_image_tensor(
-    path: Path, resolution: int, rng: np.random.Generator, random_crop: bool = False, random_flip: bool = False
+    path: Path, resolution: int | tuple[int, int], rng: np.random.Generator, random_crop: bool = False,
+    random_flip: bool = False,
 ) -> np.ndarray:
-    """Load an image as float32 CHW in [-1, 1]: any PIL mode to RGB, shorter side resized, square crop.
+    """Load an image as float32 CHW in [-1, 1]: any PIL mode to RGB, resized to cover the target, then cropped.
 
-    ``rng`` is a per-sample generator so augmentation is reproducible and independent of batch layout.
+    ``resolution`` is a square side or a (width, height) bucket. ``rng`` is a per-sample generator so augmentation
+    is reproducible and independent of batch layout.
     """
+    target_w, target_h = (resolution, resolution) if isinstance(resolution, int) else resolution
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
         if img.mode in ("RGBA", "LA", "P") and (img.mode != "P" or "transparency" in img.info):
@@ -111,15 +114,15 @@ def load_image_tensor(
             img = Image.alpha_composite(background, img)
         img = img.convert("RGB")
         w, h = img.size
-        scale = resolution / min(w, h)
-        new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+        scale = max(target_w / w, target_h / h)
+        new_w, new_h = max(target_w, round(w * scale)), max(target_h, round(h * scale))
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
         if random_crop:
-            left = int(rng.integers(0, new_w - resolution + 1))
-            top = int(rng.integers(0, new_h - resolution + 1))
+            left = int(rng.integers(0, new_w - target_w + 1))
+            top = int(rng.integers(0, new_h - target_h + 1))
         else:
-            left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
+            left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
+        img = img.crop((left, top, left + target_w, top + target_h))
         if random_flip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0

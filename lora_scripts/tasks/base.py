@@ -106,8 +106,10 @@ class Task(ABC):
         """
 
     # --- optional hooks (defaults: nothing) ----------------------------------------------------------------------
-    def epoch_order(self, epoch: int, seed: int) -> "np.ndarray | None":
-        """A custom sample order for ``epoch`` (e.g. grouped by length), or None for a seeded shuffle."""
+    def epoch_order(self, epoch: int, seed: int, global_batch: int) -> "np.ndarray | None":
+        """A custom sample order for ``epoch`` (grouped by length or bucket), or None for a seeded shuffle.
+
+        Consecutive runs of ``global_batch`` entries form one batch across all processes."""
         return None
 
     def validation_dataset(self) -> "Dataset | None":

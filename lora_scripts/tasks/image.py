@@ -27,8 +27,9 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class ImageCaptionDataset(Dataset):
     """Captioned images as (pixels in [-1, 1], token ids, per-sample seed)."""
 
-    def __init__(self, samples: list[CaptionedImage], tokenizer: Any, cfg: Any):
+    def __init__(self, samples: list[CaptionedImage], tokenizer: Any, cfg: Any, buckets: list[tuple[int, int]] | None = None):
         self.samples = samples
+        self.buckets = buckets  # (width, height) per sample when bucketing
         self.tokenizer = tokenizer
         self.resolution = cfg.resolution
         self.random_crop = cfg.random_crop
@@ -43,7 +44,8 @@ class ImageCaptionDataset(Dataset):
         index, seed = key
         sample = self.samples[index]
         rng = np.random.default_rng(seed)
-        pixels = load_image_tensor(sample.path, self.resolution, rng, self.random_crop, self.random_flip)
+        size = self.buckets[index] if self.buckets else self.resolution
+        pixels = load_image_tensor(sample.path, size, rng, self.random_crop, self.random_flip)
         prompt = augment_caption(sample.prompt, rng, **self.caption_options)
         ids = self.tokenizer(
             prompt, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
@@ -113,10 +115,18 @@ class ImageTask(Task):
             for finding in report.warnings:
                 print(f"warning: {finding.message}")
         self._samples = report.samples
+        self._buckets = None
+        if self.cfg.bucket:
+            from ..data.buckets import assign_bucket, make_buckets
+
+            buckets = make_buckets(self.cfg.resolution, self.cfg.bucket_step)
+            self._buckets = [assign_bucket(w, h, buckets, self.cfg.bucket_step, self.cfg.bucket_no_upscale)
+                             for w, h in report.sizes]
         return DataSummary(
             num_samples=report.num_samples,
             dataset_hash=report.dataset_hash,
-            description=f"{report.num_samples} captioned images from {report.source}",
+            description=f"{report.num_samples} captioned images from {report.source}"
+            + (f" in {len(set(self._buckets))} buckets" if self._buckets else ""),
         )
 
     def load_model(self, device: torch.device, weight_dtype: torch.dtype) -> torch.nn.Module:
@@ -164,7 +174,14 @@ class ImageTask(Task):
         model.enable_gradient_checkpointing()
 
     def dataset(self, summary: DataSummary) -> Dataset:
-        return ImageCaptionDataset(self._samples, self.tokenizer, self.cfg)
+        return ImageCaptionDataset(self._samples, self.tokenizer, self.cfg, self._buckets)
+
+    def epoch_order(self, epoch: int, seed: int, global_batch: int) -> np.ndarray | None:
+        if self._buckets is None:
+            return None
+        from ..data.buckets import bucketed_order
+
+        return bucketed_order(self._buckets, global_batch, np.random.default_rng([seed, epoch]))
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return {

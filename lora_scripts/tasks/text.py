@@ -162,7 +162,7 @@ class TextTask(Task):
     def validation_dataset(self) -> Dataset | None:
         return _ListDataset(self.val_samples) if self.val_samples else None
 
-    def epoch_order(self, epoch: int, seed: int) -> np.ndarray | None:
+    def epoch_order(self, epoch: int, seed: int, global_batch: int) -> np.ndarray | None:
         if self.rows is not None:
             return None  # packed rows are already full; a plain shuffle
         lengths = [len(s) for s in self.samples]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -30,7 +31,8 @@ class BatchPlan:
     world_size: int
     accumulation: int
     seed: int
-    order_fn: Callable[[int, int], np.ndarray | None] | None = None  # (epoch, seed) -> custom order, e.g. by length
+    # (epoch, seed, global_batch) -> a custom order (by length, by bucket); its length must not change per epoch
+    order_fn: Callable[[int, int, int], np.ndarray | None] | None = None
 
     @property
     def global_batch(self) -> int:
@@ -40,14 +42,23 @@ class BatchPlan:
     def samples_per_step(self) -> int:
         return self.global_batch * self.accumulation
 
+    @cached_property
+    def epoch_length(self) -> int:
+        """Samples in one epoch before padding (a custom order may pad buckets)."""
+        return len(self._order(0))
+
     @property
     def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(self.num_samples / self.samples_per_step))
+        return max(1, math.ceil(self.epoch_length / self.samples_per_step))
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        order = self.order_fn(epoch, self.seed) if self.order_fn else None
+    def _order(self, epoch: int) -> np.ndarray:
+        order = self.order_fn(epoch, self.seed, self.global_batch) if self.order_fn else None
         if order is None:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        return order
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        order = self._order(epoch)
         total = self.steps_per_epoch * self.samples_per_step
         return np.resize(order, total)  # np.resize repeats from the start to pad
 
