@@ -94,13 +94,15 @@ def cmd_label(args: argparse.Namespace) -> int:
 
     from .data.label import LabelOptions, label_folder
 
-    if args.backend == "caption":
+    if args.backend in ("caption", "tagger"):
         quiet_libraries()
     input_dir = Path(args.input)
     output = Path(args.output) if args.output else input_dir / "metadata.csv"
     options = LabelOptions(
         backend=args.backend, model=args.model, trigger=args.trigger, prefix=args.prefix, existing=args.existing,
-        recursive=args.recursive, batch_size=args.batch_size,
+        recursive=args.recursive, batch_size=args.batch_size, general_threshold=args.general_threshold,
+        character_threshold=args.character_threshold,
+        exclude_tags=tuple(t.strip() for t in (args.exclude_tags or "").split(",") if t.strip()),
     )
     bars = []
 
@@ -124,9 +126,14 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
     """Options of `lora-scripts label` and `tools/auto_label.py`."""
     p.add_argument("--input", required=True, help="folder of images")
     p.add_argument("--output", help="CSV to write (default: <input>/metadata.csv)")
-    p.add_argument("--backend", choices=["caption", "sidecar", "filename"], default="caption",
-                   help="caption: a captioning model (BLIP); sidecar: .txt/.caption files; filename: the file name")
-    p.add_argument("--model", help="captioning model folder or hub id (default: Salesforce/blip-image-captioning-base)")
+    p.add_argument("--backend", choices=["caption", "tagger", "sidecar", "filename"], default="caption",
+                   help="caption: a captioning model (BLIP); tagger: a WD14 ONNX tagger; sidecar: .txt/.caption "
+                   "files; filename: the file name")
+    p.add_argument("--model", help="caption: model folder or hub id (default Salesforce/blip-image-captioning-base); "
+                   "tagger: folder with model.onnx and selected_tags.csv")
+    p.add_argument("--general-threshold", type=float, default=0.35, help="tagger: minimum probability of general tags")
+    p.add_argument("--character-threshold", type=float, default=0.85, help="tagger: minimum probability of character tags")
+    p.add_argument("--exclude-tags", help="tagger: comma-separated tags to leave out")
     p.add_argument("--trigger", help="trigger word put first in every caption")
     p.add_argument("--prefix", help="text put before every caption (after the trigger word)")
     mode = p.add_mutually_exclusive_group()

@@ -1,7 +1,8 @@
 """Auto-labelling: write ``filename,prompt`` rows for a folder of images.
 
-Back-ends: ``caption`` (an image-captioning model through transformers, BLIP by default), ``sidecar`` (existing
-``.txt`` / ``.caption`` files beside the images) and ``filename`` (the file name as the caption).
+Back-ends: ``caption`` (an image-captioning model through transformers, BLIP by default), ``tagger`` (a WD14-style
+ONNX tagger, see :mod:`.tagger`), ``sidecar`` (existing ``.txt`` / ``.caption`` files beside the images) and
+``filename`` (the file name as the caption).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..train.checkpoint import atomic_write_bytes
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SIDECAR_EXTENSIONS = (".txt", ".caption")
 DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-base"
-BACKENDS = ("caption", "sidecar", "filename")
+BACKENDS = ("caption", "tagger", "sidecar", "filename")
 
 
 @dataclass
@@ -34,6 +35,9 @@ class LabelOptions:
     recursive: bool = False
     batch_size: int = 8
     max_new_tokens: int = 30
+    general_threshold: float = 0.35
+    character_threshold: float = 0.85
+    exclude_tags: tuple[str, ...] = ()
 
 
 @dataclass
@@ -134,9 +138,17 @@ def label_folder(
     existing = {} if options.existing == "overwrite" else read_existing_rows(output)
     todo = [name for name in images if options.existing != "skip" or name not in existing]
 
-    captioner = None
+    captioner: Callable[[list[Path]], list[str]] | None = None
     if options.backend == "caption":
         captioner = BlipCaptioner(options.model or DEFAULT_CAPTION_MODEL, options.batch_size, options.max_new_tokens)
+    elif options.backend == "tagger":
+        from .tagger import TaggerOptions, WD14Tagger
+
+        if not options.model:
+            raise ConfigError("--model: the tagger back-end needs a folder with model.onnx and selected_tags.csv")
+        captioner = WD14Tagger(Path(options.model), TaggerOptions(
+            general_threshold=options.general_threshold, character_threshold=options.character_threshold,
+            exclude_tags=options.exclude_tags, batch_size=options.batch_size))
     progress = make_progress(len(todo)) if make_progress else None
     captions: dict[str, str] = {}
     missing: list[str] = []
