@@ -122,6 +122,12 @@ class TrainConfig(_Strict):
     bucket: bool = Field(False, description="image: aspect-ratio bucketing (area resolution², sides in bucket_step).")
     bucket_step: int = Field(64, ge=8, description="image: bucket sides are multiples of this (64 for SD).")
     bucket_no_upscale: bool = Field(False, description="image: never enlarge small images to reach a bucket.")
+    cache_latents: bool = Field(False, description="image: encode images with the VAE once and reuse the latents "
+                                "(needs random_crop and random_flip off).")
+    cache_text_embeddings: bool = Field(False, description="image: encode captions once and reuse the text-encoder "
+                                        "outputs (needs shuffle_tags off).")
+    cache_dir: Path | None = Field(None, description="image: where caches live (default: <output_dir>/cache); keyed by "
+                                   "content, model and size, so it can be shared between runs.")
     random_crop: bool = Field(False, description="Crop at a random position instead of the centre.")
     random_flip: bool = Field(False, description="Flip images horizontally with probability 0.5.")
     dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process).")

@@ -36,6 +36,7 @@ class DataReport:
     findings: list[Finding] = field(default_factory=list)
     samples: list[CaptionedImage] = field(default_factory=list, repr=False)
     sizes: list[tuple[int, int]] = field(default_factory=list, repr=False)  # (width, height) upright, per sample
+    hashes: list[str] = field(default_factory=list, repr=False)  # sha256 of each image file, per sample
 
     @property
     def errors(self) -> list[Finding]:
@@ -49,7 +50,7 @@ class DataReport:
         self.findings.append(Finding(level, code, message))
 
     def to_json(self) -> str:
-        data: dict[str, Any] = {k: v for k, v in asdict(self).items() if k not in ("samples", "sizes")}
+        data: dict[str, Any] = {k: v for k, v in asdict(self).items() if k not in ("samples", "sizes", "hashes")}
         data.update(ok=not self.errors, errors=len(self.errors), warnings=len(self.warnings))
         return json.dumps(data, indent=2)
 
@@ -85,6 +86,7 @@ def check_images(
             continue
         report.sizes.append((width, height))
         content = hashlib.sha256(data).hexdigest()
+        report.hashes.append(content)
         if content in by_content:
             report.add("warning", "duplicate_file", f"{sample.path.name} has the same content as {by_content[content]}")
         by_content.setdefault(content, sample.path.name)

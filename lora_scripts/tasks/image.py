@@ -8,6 +8,7 @@ comes from that sample's own seed, so the result is independent of batch layout,
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,11 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class ImageCaptionDataset(Dataset):
     """Captioned images as (pixels in [-1, 1], token ids, per-sample seed)."""
 
-    def __init__(self, samples: list[CaptionedImage], tokenizer: Any, cfg: Any, buckets: list[tuple[int, int]] | None = None):
+    def __init__(self, samples: list[CaptionedImage], tokenizer: Any, cfg: Any, buckets: list[tuple[int, int]] | None = None,
+                 caches: "ImageCaches | None" = None):
         self.samples = samples
         self.buckets = buckets  # (width, height) per sample when bucketing
+        self.caches = caches
         self.tokenizer = tokenizer
         self.resolution = cfg.resolution
         self.random_crop = cfg.random_crop
@@ -45,13 +48,42 @@ class ImageCaptionDataset(Dataset):
         sample = self.samples[index]
         rng = np.random.default_rng(seed)
         size = self.buckets[index] if self.buckets else self.resolution
-        pixels = load_image_tensor(sample.path, size, rng, self.random_crop, self.random_flip)
+        item: dict[str, Any] = {"seed": seed}
+        caches = self.caches
+        if caches is not None and caches.latent_keys:
+            entry = caches.latents.get(caches.latent_keys[index])
+            item["latent_mean"], item["latent_std"] = entry["mean"], entry["std"]
+        else:
+            item["pixels"] = torch.from_numpy(
+                load_image_tensor(sample.path, size, rng, self.random_crop, self.random_flip)
+            )
         prompt = augment_caption(sample.prompt, rng, **self.caption_options)
-        ids = self.tokenizer(
-            prompt, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids[0]
-        return {"pixels": torch.from_numpy(pixels), "input_ids": ids, "seed": seed}
+        if caches is not None and caches.text is not None:
+            item["hidden"] = caches.text.get(caches.text_key(prompt))["hidden"]
+        else:
+            item["input_ids"] = tokenize_prompt(self.tokenizer, prompt)
+        return item
+
+
+def tokenize_prompt(tokenizer: Any, prompt: str) -> torch.Tensor:
+    return tokenizer(
+        prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids[0]
+
+
+@dataclass
+class ImageCaches:
+    """Where the cached latents and text embeddings of a run are, and each sample's key."""
+
+    latents: Any = None
+    latent_keys: list[str] = field(default_factory=list)
+    text: Any = None
+    text_fingerprint: str = ""
+
+    def text_key(self, prompt: str) -> str:
+        from ..data.cache import entry_key
+
+        return entry_key("text", prompt, self.text_fingerprint)
 
 
 def check_diffusers_model_path(base_model: str) -> Path | None:
@@ -88,6 +120,12 @@ class ImageTask(Task):
             raise ConfigError("target_modules: all-linear is for the text task; list UNet module names instead")
         if self.cfg.network_weights is not None:
             raise ConfigError("network_weights: continuing from an existing LoRA is supported for task: text only so far")
+        if self.cfg.cache_latents and (self.cfg.random_crop or self.cfg.random_flip):
+            raise ConfigError("cache_latents: cached latents cannot be re-cropped or flipped; turn off random_crop "
+                              "and random_flip, or cache_latents")
+        if self.cfg.cache_text_embeddings and self.cfg.shuffle_tags:
+            raise ConfigError("cache_text_embeddings: shuffled tags make a new caption every time; turn off "
+                              "shuffle_tags or cache_text_embeddings")
         check_diffusers_model_path(self.cfg.base_model)
 
     def data_report(self):
@@ -115,6 +153,8 @@ class ImageTask(Task):
             for finding in report.warnings:
                 print(f"warning: {finding.message}")
         self._samples = report.samples
+        self._hashes = report.hashes
+        self._caches: ImageCaches | None = None
         self._buckets = None
         if self.cfg.bucket:
             from ..data.buckets import assign_bucket, make_buckets
@@ -168,13 +208,51 @@ class ImageTask(Task):
         if not any(p.requires_grad for p in unet.parameters()):
             raise ConfigError(f"target_modules: {self.cfg.target_modules} matched no UNet layer")
         self.unet = unet
+        if self.cfg.cache_latents or self.cfg.cache_text_embeddings:
+            self._caches = self._build_caches()
         return unet
+
+    def _build_caches(self) -> ImageCaches:
+        """Fill the caches for every sample (only missing entries are computed); each process fills what it lacks
+        and writes are atomic, so concurrent processes cannot corrupt an entry."""
+        from tqdm.auto import tqdm
+
+        from ..data.cache import TensorCache, entry_key, module_fingerprint
+
+        cfg, device = self.cfg, self.device
+        root = Path(cfg.cache_dir) if cfg.cache_dir else cfg.output_dir / "cache"
+        caches = ImageCaches()
+        show = __import__("os").environ.get("RANK", "0") == "0"
+        if cfg.cache_latents:
+            vae_id = module_fingerprint(self.vae)
+            caches.latents = TensorCache(root / "latents")
+            sizes = self._buckets or [(cfg.resolution, cfg.resolution)] * len(self._samples)
+            caches.latent_keys = [entry_key("latent", h, f"{w}x{hh}", vae_id) for h, (w, hh) in zip(self._hashes, sizes)]
+            todo = [i for i, key in enumerate(caches.latent_keys) if not caches.latents.has(key)]
+            for i in tqdm(todo, desc="cache latents", unit="img", disable=not show or not todo):
+                pixels = load_image_tensor(self._samples[i].path, sizes[i], np.random.default_rng(0))
+                with torch.no_grad():
+                    dist = self.vae.encode(torch.from_numpy(pixels)[None].to(device, self.vae.dtype)).latent_dist
+                caches.latents.put(caches.latent_keys[i], {"mean": dist.mean[0], "std": dist.std[0]})
+        if cfg.cache_text_embeddings:
+            caches.text = TensorCache(root / "text")
+            caches.text_fingerprint = module_fingerprint(self.text_encoder) + str(self.tokenizer.model_max_length)
+            prompts = {augment_caption(s.prompt, np.random.default_rng(0), trigger_word=cfg.trigger_word)
+                       for s in self._samples}
+            if cfg.caption_dropout > 0:
+                prompts.add("")
+            todo = sorted(p for p in prompts if not caches.text.has(caches.text_key(p)))
+            for prompt in tqdm(todo, desc="cache text embeddings", unit="caption", disable=not show or not todo):
+                with torch.no_grad():
+                    hidden = self.text_encoder(tokenize_prompt(self.tokenizer, prompt)[None].to(device))[0][0]
+                caches.text.put(caches.text_key(prompt), {"hidden": hidden})
+        return caches
 
     def enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
         model.enable_gradient_checkpointing()
 
     def dataset(self, summary: DataSummary) -> Dataset:
-        return ImageCaptionDataset(self._samples, self.tokenizer, self.cfg, self._buckets)
+        return ImageCaptionDataset(self._samples, self.tokenizer, self.cfg, self._buckets, self._caches)
 
     def epoch_order(self, epoch: int, seed: int, global_batch: int) -> np.ndarray | None:
         if self._buckets is None:
@@ -184,11 +262,9 @@ class ImageTask(Task):
         return bucketed_order(self._buckets, global_batch, np.random.default_rng([seed, epoch]))
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "pixels": torch.stack([item["pixels"] for item in items]),
-            "input_ids": torch.stack([item["input_ids"] for item in items]),
-            "seeds": [item["seed"] for item in items],
-        }
+        batch: dict[str, Any] = {k: torch.stack([item[k] for item in items]) for k in items[0] if k != "seed"}
+        batch["seeds"] = [item["seed"] for item in items]
+        return batch
 
     def loss_count(self, batch: dict[str, Any]) -> int:
         return len(batch["seeds"])
@@ -197,13 +273,20 @@ class ImageTask(Task):
         device, vae = self.device, self.vae
         generators = [torch.Generator().manual_seed(int(seed)) for seed in batch["seeds"]]
         with torch.no_grad():
-            dist = vae.encode(batch["pixels"].to(device, dtype=vae.dtype)).latent_dist
-            shape = dist.mean.shape[1:]
-            eps = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dist.mean.dtype)
-            latents = dist.mean + dist.std * eps
+            if "latent_mean" in batch:  # from the latent cache
+                mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+            else:
+                dist = vae.encode(batch["pixels"].to(device, dtype=vae.dtype)).latent_dist
+                mean, std = dist.mean, dist.std
+            shape = mean.shape[1:]
+            eps = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, mean.dtype)
+            latents = mean + std * eps
             shift = getattr(vae.config, "shift_factor", None) or 0.0
             latents = ((latents - shift) * vae.config.scaling_factor).float()
-            hidden = self.text_encoder(batch["input_ids"].to(device))[0]
+            if "hidden" in batch:  # from the text-embedding cache
+                hidden = batch["hidden"].to(device, self.text_encoder.dtype)
+            else:
+                hidden = self.text_encoder(batch["input_ids"].to(device))[0]
 
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)

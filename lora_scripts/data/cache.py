@@ -1,0 +1,56 @@
+"""On-disk caches of VAE latents and text-encoder outputs (``cache_latents``, ``cache_text_embeddings``).
+
+An entry's file name is a hash of everything its value depends on (image bytes or caption, the model's weights and
+config, the crop size), so a changed image, model or bucket simply misses and is recomputed: no stale entries are
+ever read. Latents are stored as the VAE's distribution (mean, std), not a sample, so the per-sample noise drawn in
+training is the same with and without the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from ..train.checkpoint import atomic_write_bytes
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 of a module's config and every parameter and buffer (its identity for cache keys)."""
+    digest = hashlib.sha256()
+    config = getattr(module, "config", None)
+    if config is not None:
+        data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        digest.update(json.dumps(data, sort_keys=True, default=str).encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def entry_key(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:40]
+
+
+class TensorCache:
+    """A folder of small safetensors files, one per key, written atomically."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        data = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+        atomic_write_bytes(self.path(key), save(data))
+
+    def get(self, key: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path(key)))
