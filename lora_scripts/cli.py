@@ -24,6 +24,8 @@ def _load(args: argparse.Namespace):
     overrides = list(args.overrides)
     if getattr(args, "resume", None):
         overrides.append(f"resume={args.resume}")
+    if getattr(args, "overwrite", False):
+        overrides.append("overwrite=true")
     return load_config(args.config, overrides)
 
 
@@ -169,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="Config keys: run `lora-scripts config-keys`.")
     _add_config_args(p)
     p.add_argument("--resume", metavar="latest|PATH", help="resume from the newest checkpoint (latest) or a folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an output_dir that holds another run (deletes its checkpoints and logs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.set_defaults(func=cmd_train)
 

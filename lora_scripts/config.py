@@ -156,6 +156,10 @@ class TrainConfig(_Strict):
     resume: str | None = Field(
         None, description="`latest` (newest complete checkpoint in output_dir, or a fresh start if none) or a path."
     )
+    overwrite: bool = Field(
+        False, description="Start afresh in an output_dir that holds another run (its checkpoints and logs are "
+        "deleted). Without it such a run is refused unless resume is set."
+    )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="TensorBoard, loss.csv, W&B.")
 
     @field_validator("sample_prompts", mode="before")

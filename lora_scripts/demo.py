@@ -55,7 +55,7 @@ def run_demo(output_dir: Path, steps: int = 200) -> None:
     raw = tiny_image_config(
         model_dir, data_dir, output_dir / "lora", max_train_steps=steps, batch_size=4, save_steps=10,
         keep_last_checkpoints=2, learning_rate=2e-3, lr_scheduler="cosine", lr_warmup_steps=2, output_name="demo_lora",
-        logging={"tensorboard": True, "loss_csv": True},
+        logging={"tensorboard": True, "loss_csv": True}, overwrite=True,
     )
     config_path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     print(f"[2/4] training with {config_path} (same as: lora-scripts train --config {config_path})")
@@ -92,7 +92,7 @@ def run_text_demo(output_dir: Path, steps: int = 60) -> None:
         "task": "text", "base_model": str(model_dir), "metadata_path": str(data_file),
         "output_dir": str(output_dir / "text_lora"), "lora_rank": 8, "batch_size": 4, "max_train_steps": steps,
         "learning_rate": 5e-3, "save_steps": max(1, steps // 2), "packing": True, "max_seq_length": 128,
-        "val_size": 0.1, "sample_prompts": ["Name a colour."], "sample_max_new_tokens": 12,
+        "val_size": 0.1, "sample_prompts": ["Name a colour."], "sample_max_new_tokens": 12, "overwrite": True,
     }
     config_path = output_dir / "demo_text_config.yaml"
     config_path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")

@@ -102,3 +102,19 @@ def test_resume_from_explicit_path_and_mismatched_rank(write_config, tmp_path):
 def test_keep_last_prunes_only_complete_older_checkpoints(write_config, tmp_path):
     train(load_config(write_config(max_train_steps=5, save_steps=1, keep_last_checkpoints=2)), show_progress=False)
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-4", "step-5"]
+
+
+def test_output_dir_of_another_run_is_refused_unless_resume_or_overwrite(write_config, tmp_path, capsys):
+    from lora_scripts.cli import main
+
+    config = write_config(max_train_steps=2)
+    assert main(["train", "--config", str(config), "--no-progress"]) == 0
+    before = (tmp_path / "out" / "out.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--no-progress", "--set", "seed=7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds a run" in err and "--overwrite" in err and "\n" not in err
+    assert (tmp_path / "out" / "out.safetensors").read_bytes() == before  # nothing of the previous run changed
+    assert main(["train", "--config", str(config), "--no-progress", "--overwrite", "--set", "seed=7"]) == 0
+    assert (tmp_path / "out" / "out.safetensors").read_bytes() != before
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-2"]

@@ -123,6 +123,24 @@ class Trainer:
         self.task.check_base_model()
         self.data = self.task.check_data()
         self.resume_from = _resolve_resume(cfg, self.checkpoint_root)
+        self._check_output_dir()
+
+    def _check_output_dir(self) -> None:
+        """Never silently overwrite another run: refuse unless resuming or told to overwrite."""
+        cfg = self.cfg
+        if cfg.output_dir.exists() and not cfg.output_dir.is_dir():
+            raise ConfigError(f"output_dir: '{cfg.output_dir}' is a file, not a folder")
+        previous = [p for p in (self.checkpoint_root, cfg.output_dir / "training_summary.json") if p.exists()]
+        if not previous or cfg.resume:
+            return
+        if not cfg.overwrite:
+            raise ConfigError(
+                f"output_dir: '{cfg.output_dir}' already holds a run ({previous[0].name}); set resume: latest to "
+                "continue it, --overwrite to start afresh there, or choose another output_dir"
+            )
+        if int(os.environ.get("RANK", "0")) == 0:
+            for name in ("checkpoints", "logs", "samples"):
+                shutil.rmtree(cfg.output_dir / name, ignore_errors=True)
 
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
