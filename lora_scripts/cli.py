@@ -51,6 +51,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.loop import train
 
     result = train(cfg, show_progress=not args.no_progress)
+    if result.extra.get("interrupted"):
+        return 0
     if result.files:
         print("\nfinished: %d steps, final loss %s" % (result.steps, f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"))
         if result.seconds_per_step is not None:

@@ -15,3 +15,9 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """The training data is missing, malformed or unreadable."""
+
+
+class OutOfMemory(UserError):
+    """Training ran out of (GPU) memory; the message says what to change."""
+
+    exit_code = 3

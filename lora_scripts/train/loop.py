@@ -36,7 +36,7 @@ import torch
 
 from .. import __version__
 from ..config import TrainConfig, dump_config
-from ..errors import ConfigError
+from ..errors import ConfigError, OutOfMemory
 from ..tasks.base import RunInfo, Task, make_task
 from .batches import BatchPlan, sample_seed
 from .checkpoint import (
@@ -49,6 +49,7 @@ from .checkpoint import (
     temp_checkpoint_dir,
 )
 from .logs import TrainingLogger, peak_memory_mb
+from .signals import StopRequest
 
 
 @dataclass
@@ -256,6 +257,8 @@ class Trainer:
         acc.wait_for_everyone()
         if self.is_main:
             save_file(_trainable_state(acc.unwrap_model(self.model)), str(tmp / "adapter.safetensors"))
+            # Test hook: widen the window in which a checkpoint is half-written, so kill -9 tests can hit it.
+            time.sleep(float(os.environ.get("LORA_SCRIPTS_TEST_CHECKPOINT_DELAY", "0")))
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             scaler = acc.scaler.state_dict() if acc.scaler is not None else None
             torch.save({"scheduler": self.lr_scheduler.state_dict(), "scaler": scaler}, tmp / "scheduler.pt")
@@ -370,7 +373,10 @@ class Trainer:
         step_times: list[float] = []
         loader_iter, loader_epoch = None, None
         self.model.train()
+        interrupted: str | None = None
+        stop = StopRequest()
         try:
+            stop.__enter__()
             while step < self.total_steps:
                 epoch, step_in_epoch = divmod(step, self.plan.steps_per_epoch)
                 if loader_epoch != epoch:
@@ -384,7 +390,10 @@ class Trainer:
                     loader_iter, loader_epoch = iter(loader), epoch
                 t0 = time.perf_counter()
                 micro = [next(loader_iter) for _ in range(cfg.gradient_accumulation_steps)]
-                loss = self._train_step(micro)
+                try:
+                    loss = self._train_step(micro)
+                except torch.OutOfMemoryError:
+                    raise self._out_of_memory(step + 1, last_checkpoint) from None
                 step += 1
                 step_times.append(time.perf_counter() - t0)
                 lr = self.lr_scheduler.get_last_lr()[0]
@@ -404,11 +413,23 @@ class Trainer:
                 every = cfg.sample_every_n_steps
                 if is_last or (step % every == 0 if every else is_save):
                     self._log_samples(logger, step)
+                if not is_last and self._stop_requested(stop):
+                    interrupted = stop.signal_name or "a signal on another process"
+                    if not is_save:
+                        last_checkpoint = self.save_checkpoint(step)
+                    break
             progress.close()
-            if step > start_step or last_checkpoint is None:
-                last_checkpoint = self.save_checkpoint(step)
-            files = self._export(step)
+            if interrupted:
+                files = []
+                if self.is_main:
+                    print(f"stopped by {interrupted} after step {step}; checkpoint {last_checkpoint} is complete. "
+                          "Run the same command with --resume latest to continue.")
+            else:
+                if step > start_step or last_checkpoint is None:
+                    last_checkpoint = self.save_checkpoint(step)
+                files = self._export(step)
         finally:
+            stop.__exit__()
             progress.close()
             if logger is not None:
                 logger.close()
@@ -424,13 +445,38 @@ class Trainer:
             peak_memory_mb=peak_memory_mb(),
             last_checkpoint=last_checkpoint,
             resumed_from=self.resume_from,
-            extra={"train_seconds": sum(step_times)},
+            extra={"train_seconds": sum(step_times), "interrupted": interrupted},
         )
         if self.is_main:
             self._write_summary(result)
         acc.wait_for_everyone()
         acc.end_training()
         return result
+
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        """Whether any process got SIGTERM/SIGINT (all processes must stop at the same step)."""
+        flag = torch.tensor([1.0 if stop.signal_name else 0.0], device=self.accelerator.device)
+        return self.accelerator.reduce(flag, reduction="sum").item() > 0
+
+    def _out_of_memory(self, step: int, last_checkpoint: Path | None) -> OutOfMemory:
+        """A one-line OOM message with what to change; the last complete checkpoint is untouched."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        cfg = self.cfg
+        advice = []
+        if cfg.batch_size > 1:
+            half = cfg.batch_size // 2
+            advice.append(f"batch_size: {half} with gradient_accumulation_steps: "
+                          f"{cfg.gradient_accumulation_steps * cfg.batch_size // half} (same effective batch)")
+        if not cfg.gradient_checkpointing:
+            advice.append("gradient_checkpointing: true")
+        if cfg.mixed_precision == "no":
+            advice.append("mixed_precision: bf16 (or fp16)")
+        if not advice:
+            advice.append(f"a smaller {'resolution' if cfg.task == 'image' else 'max_seq_length'}")
+        where = f"; last complete checkpoint: {last_checkpoint}" if last_checkpoint else ""
+        return OutOfMemory(f"out of memory at step {step}{where}. Try " + ", or ".join(advice)
+                           + " (lora-scripts estimate --config ... shows the memory breakdown)")
 
     def _export(self, step: int) -> list[Path]:
         acc = self.accelerator
