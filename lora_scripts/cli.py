@@ -48,6 +48,9 @@ def quiet_libraries() -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     quiet_libraries()
+    from .preflight import check_fits
+
+    check_fits(cfg, force=args.force)  # on a GPU: refuse a run that clearly will not fit
     from .train.loop import train
 
     result = train(cfg, show_progress=not args.no_progress)
@@ -62,6 +65,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"  {path}")
         if result.last_checkpoint:
             print(f"  {result.last_checkpoint}  (resumable checkpoint)")
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    quiet_libraries()
+    from .preflight import estimate_memory, parse_size
+
+    estimate = estimate_memory(cfg, capacity=parse_size(args.vram) if args.vram else None)
+    print(estimate.render())
+    if estimate.capacity is None:
+        print("(no GPU found and no --vram given: pass --vram 24GB for a recommendation)")
     return 0
 
 
@@ -175,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="latest|PATH", help="resume from the newest checkpoint (latest) or a folder")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an output_dir that holds another run (deletes its checkpoints and logs)")
+    p.add_argument("--force", action="store_true", help="train even if the memory estimate exceeds free GPU memory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.set_defaults(func=cmd_train)
 
@@ -182,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON (for CI)")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("estimate", help="memory breakdown and a recommended batch size (no weights loaded)")
+    _add_config_args(p)
+    p.add_argument("--vram", help="memory to plan for, e.g. 24GB (default: free memory of the GPU present)")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("config-keys", help="list every config key with its default and meaning")
     p.set_defaults(func=lambda a: print(__import__("lora_scripts.config", fromlist=["x"]).describe_fields()) or 0)

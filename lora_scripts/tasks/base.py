@@ -105,6 +105,12 @@ class Task(ABC):
         the gradient does not depend on how that batch is split into micro-batches or processes.
         """
 
+    def memory_probe(self) -> tuple[list["torch.nn.Module"], "torch.nn.Module", Any]:
+        """For the memory estimate: (all modules built on the meta device from config files only, the trainable
+        module with LoRA attached, ``make_batch(batch_size)`` returning a worst-case batch). Sets up whatever
+        :meth:`loss` reads. No weights are loaded."""
+        raise NotImplementedError
+
     # --- optional hooks (defaults: nothing) ----------------------------------------------------------------------
     def epoch_order(self, epoch: int, seed: int, global_batch: int) -> "np.ndarray | None":
         """A custom sample order for ``epoch`` (grouped by length or bucket), or None for a seeded shuffle.

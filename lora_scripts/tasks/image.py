@@ -248,6 +248,46 @@ class ImageTask(Task):
                 caches.text.put(caches.text_key(prompt), {"hidden": hidden})
         return caches
 
+    def memory_probe(self) -> tuple[list[torch.nn.Module], torch.nn.Module, Any]:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from peft import LoraConfig
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        cfg, base = self.cfg, self.cfg.base_model
+        try:
+            with torch.device("meta"):
+                unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base, subfolder="unet"))
+                vae = AutoencoderKL.from_config(AutoencoderKL.load_config(base, subfolder="vae"))
+                text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(base, subfolder="text_encoder"))
+            self.noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"base_model: could not read the configs of '{base}': {str(exc).splitlines()[0]}") from None
+        for module in (unet, vae, text_encoder):
+            module.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                                    target_modules=cfg.target_modules or DEFAULT_TARGET_MODULES))
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.unet, self.vae, self.text_encoder, self.device = unet, vae, text_encoder, torch.device("cpu")
+        tokens = text_encoder.config.max_position_embeddings
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        side = cfg.resolution  # buckets keep the area of resolution², which is what memory follows
+
+        def make_batch(batch_size: int) -> dict[str, Any]:
+            batch: dict[str, Any] = {"seeds": list(range(batch_size))}
+            if cfg.cache_latents:
+                shape = (batch_size, vae.config.latent_channels, side // factor, side // factor)
+                batch["latent_mean"], batch["latent_std"] = torch.zeros(shape), torch.ones(shape)
+            else:
+                batch["pixels"] = torch.zeros(batch_size, 3, side, side)
+            if cfg.cache_text_embeddings:
+                batch["hidden"] = torch.zeros(batch_size, tokens, text_encoder.config.hidden_size)
+            else:
+                batch["input_ids"] = torch.zeros(batch_size, tokens, dtype=torch.long)
+            return batch
+
+        return [unet, vae, text_encoder], unet, make_batch
+
     def enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
         model.enable_gradient_checkpointing()
 

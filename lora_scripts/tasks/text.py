@@ -152,6 +152,36 @@ class TextTask(Task):
         self.model = model
         return model
 
+    def memory_probe(self) -> tuple[list[torch.nn.Module], torch.nn.Module, Any]:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = self.cfg
+        try:
+            config = AutoConfig.from_pretrained(cfg.base_model)
+        except (OSError, ValueError) as exc:
+            raise _load_error("base_model", cfg.base_model, exc) from None
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager" if cfg.packing else None)
+        model.requires_grad_(False)
+        targets = cfg.target_modules or DEFAULT_TARGET_MODULES.get(config.model_type, "all-linear")
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        if cfg.gradient_checkpointing:
+            self.enable_gradient_checkpointing(model)
+        self.model, self.device = model, torch.device("cpu")
+        length = cfg.max_seq_length  # the worst case: a full row
+
+        def make_batch(batch_size: int) -> dict[str, Any]:
+            ids = torch.zeros(batch_size, length, dtype=torch.long)
+            batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+            if cfg.packing:
+                batch["attention_mask"] = torch.zeros(batch_size, 1, length, length)
+                batch["position_ids"] = torch.arange(length).expand(batch_size, length).clone()
+            return batch
+
+        return [model], model, make_batch
+
     def enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
