@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +20,7 @@ from .errors import ConfigError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoggingConfig(_Strict):
@@ -110,7 +111,7 @@ class TrainConfig(_Strict):
     sample_max_new_tokens: int = Field(32, ge=1, description="text: tokens generated per sample prompt.")
 
     # --- data ----------------------------------------------------------------------------------------------------
-    resolution: int = Field(512, ge=8, description="Training image size: shorter side resized, then cropped square.")
+    resolution: int = Field(512, ge=8, description="Training image size (a multiple of 8): shorter side resized, then cropped square.")
     caption_source: Literal["auto", "csv", "sidecar", "kohya_json", "jsonl"] = Field(
         "auto", description="image: where captions come from; auto: metadata_path if it exists (.csv, kohya .json or "
         ".jsonl), else <train_data_dir>/metadata.jsonl, else sidecar .txt/.caption files.",
@@ -120,7 +121,7 @@ class TrainConfig(_Strict):
     keep_tokens: int = Field(0, ge=0, description="image: leading tags that shuffle_tags leaves in place.")
     trigger_word: str | None = Field(None, description="image: word put first in every caption (unless present).")
     bucket: bool = Field(False, description="image: aspect-ratio bucketing (area resolution², sides in bucket_step).")
-    bucket_step: int = Field(64, ge=8, description="image: bucket sides are multiples of this (64 for SD).")
+    bucket_step: int = Field(64, ge=8, description="image: bucket sides are multiples of this (a multiple of 8; 64 for SD).")
     bucket_no_upscale: bool = Field(False, description="image: never enlarge small images to reach a bucket.")
     cache_latents: bool = Field(False, description="image: encode images with the VAE once and reuse the latents "
                                 "(needs random_crop and random_flip off).")
@@ -162,6 +163,14 @@ class TrainConfig(_Strict):
     )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="TensorBoard, loss.csv, W&B.")
 
+    @field_validator("resolution", "bucket_step")
+    @classmethod
+    def _multiple_of_8(cls, value: int, info: Any) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8); use {max(8, value // 8 * 8)} or "
+                             f"{value // 8 * 8 + 8}")
+        return value
+
     @field_validator("sample_prompts", mode="before")
     @classmethod
     def _prompt_strings(cls, value: Any) -> Any:
@@ -173,11 +182,12 @@ class TrainConfig(_Strict):
     def _defaults(self) -> "TrainConfig":
         if self.task == "image":
             if self.train_data_dir is None:
-                raise ValueError("train_data_dir is required for the image task")
+                raise ValueError("train_data_dir is required for the image task; set it to the folder of images")
             if self.metadata_path is None:
                 object.__setattr__(self, "metadata_path", self.train_data_dir / "metadata.csv")
         elif self.train_data_dir is None and self.metadata_path is None:
-            raise ValueError("the text task needs train_data_dir (a folder of data files) or metadata_path (one file)")
+            raise ValueError("the text task needs train_data_dir (a folder of data files) or metadata_path (one file); "
+                             "set one of them")
         if self.output_name is None:
             object.__setattr__(self, "output_name", self.output_dir.resolve().name or "lora")
         return self
@@ -196,23 +206,36 @@ class TrainConfig(_Strict):
 # Loading
 
 
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each mapping key path in a YAML document to its 1-based line, for error messages."""
+def _key_lines(text: str, source: str = "config") -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document (list items by index) to its 1-based line, for error messages; refuse a
+    key given twice in one mapping (YAML would silently keep the last)."""
     lines: dict[tuple[str, ...], int] = {}
+    visited: set[int] = set()
 
     def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
+        if id(node) in visited:  # aliases can make the node graph cyclic
+            return
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, prefix + (str(i),))
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
             for key_node, value_node in node.value:
-                path = prefix + (str(key_node.value),)
-                lines[path] = key_node.start_mark.line + 1
-                walk(value_node, path)
+                key, line = str(key_node.value), key_node.start_mark.line + 1
+                if isinstance(key_node, yaml.ScalarNode) and key in first:
+                    raise ConfigError(f"{source}:{line}: key '{key}' appears twice (first on line {first[key]}); "
+                                      "keep one")
+                first.setdefault(key, line)
+                lines.setdefault(prefix + (key,), line)
+                walk(value_node, prefix + (key,))
 
     try:
         root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, ())
+        if root is not None:
+            walk(root, ())
+    except (yaml.YAMLError, ValueError, RecursionError):  # line numbers are a nicety; the loader reports errors
+        pass
     return lines
 
 
@@ -230,20 +253,35 @@ def _describe_validation_error(err: ValidationError, source: str, key_lines: dic
     first = err.errors()[0]
     loc = tuple(str(p) for p in first["loc"])
     key = ".".join(loc) if loc else "(top level)"
-    line = key_lines.get(loc)
+    line = key_lines.get(loc[:-1] if first["type"] == "missing" else loc)  # a missing key: where its section is
     where = f"{source}:{line}" if line else source
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        model: type[BaseModel] = TrainConfig
-        for part in loc[:-1]:
-            annotation = model.model_fields[part].annotation
-            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else model
+        model = _section_model(loc[:-1])
         return f"{where}: unknown key '{key}'{_suggest(loc[-1], _field_names(model))}"
     if first["type"] == "missing":
-        desc = TrainConfig.model_fields[loc[0]].description if loc and loc[0] in TrainConfig.model_fields else ""
-        return f"{where}: missing required key '{key}'" + (f" ({desc})" if desc else "")
-    got = first.get("input")
-    got_text = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-    return f"{where}: {key}: {first['msg']}{got_text}"
+        model = _section_model(loc[:-1])
+        field = model.model_fields.get(loc[-1]) if loc else None
+        desc = f" ({field.description})" if field is not None and field.description else ""
+        return f"{where}: missing required key '{key}'{desc}; add it to the config"
+    if not loc:
+        return f"{where}: {msg}"
+    got, shown = first.get("input"), repr(first.get("input"))
+    shown = f" (got {shown[:77] + '...' if len(shown) > 80 else shown})" if not isinstance(got, (dict, type(None))) else ""
+    return f"{where}: {key}: {msg}{shown}"
+
+
+def _section_model(loc: tuple[str, ...]) -> type[BaseModel]:
+    """The schema model of the section at ``loc`` (list indices skipped), e.g. SamplePrompt for sample_prompts.0."""
+    model: type[BaseModel] = TrainConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None:
+            continue
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        candidates += [a for c in list(candidates) for a in typing.get_args(c)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), model)
+    return model
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -253,12 +291,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"--set {item!r}: the key is empty")
+        raise ConfigError(f"--set {item!r}: the key is empty; write key=value, e.g. --set lora_rank=16")
+    parts = [part.strip() for part in key.split(".")]
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty part in the dotted key; write e.g. --set logging.wandb=true")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError):  # e.g. 2024-13-01 fails as a date: keep the text
         value = raw
-    return key.split("."), value
+    return parts, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -271,7 +312,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if nested is None:
                 nested = target[part] = {}
             if not isinstance(nested, dict):
-                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section (it holds {type(nested).__name__}); "
+                                  f"set {part}=VALUE instead")
             target = nested
         target[path[-1]] = value
     return data
@@ -280,22 +322,35 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def read_yaml_mapping(path: Path) -> tuple[dict[str, Any], str]:
     """Read a YAML file that must hold a mapping; return it and its text. Errors name the file and line."""
     if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path} (check the --config path)")
     if path.is_dir():
-        raise ConfigError(f"config path is a directory, not a YAML file: {path}")
-    text = path.read_text(encoding="utf-8")
+        raise ConfigError(f"config path is a directory, not a YAML file: {path} (pass the .yaml file inside it)")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc}); check its permissions") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        fix = "; check the indentation, colons and quotes there"
         if mark is not None:
-            raise ConfigError(f"{path}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {problem}") from None
-        raise ConfigError(f"{path}: YAML syntax error: {problem}") from None
+            raise ConfigError(f"{path}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {problem}{fix}") from None
+        raise ConfigError(f"{path}: YAML syntax error: {problem}{fix}") from None
+    except (ValueError, TypeError, RecursionError) as exc:  # a value YAML cannot construct, e.g. the date 2024-13-01
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{path}: YAML value cannot be read ({reason}); quote values that look like dates or "
+                          "numbers") from None
     if data is None:
-        data = {}
+        raise ConfigError(f"{path}: the config file is empty; write key: value lines (at least base_model, "
+                          "output_dir and train_data_dir; see configs/my_lora_config.yaml)")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of key: value lines, got {type(data).__name__}")
+        raise ConfigError(f"{path}: the config must be a mapping of key: value lines, got {type(data).__name__} "
+                          "(remove the leading '-' or brackets)")
     return data, text
 
 
@@ -311,8 +366,30 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     """Load and validate a YAML config file, applying ``--set key=value`` overrides."""
     path = Path(path)
     data, text = read_yaml_mapping(path)
-    data = apply_overrides(data, overrides or [])
-    return build_config(data, str(path), _key_lines(text))
+    key_lines = _key_lines(text, str(path))
+    return build_config(apply_overrides(data, overrides or []), str(path), key_lines)
+
+
+def check_environment(cfg: TrainConfig) -> None:
+    """Cheap checks of what a run needs from the machine: the precision and a writable output_dir. Run by the
+    tasks' ``check_base_model``, so ``check`` and ``train`` see them before any model is loaded."""
+    if cfg.mixed_precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    out = cfg.output_dir.absolute()
+    for folder in (out, *out.parents):
+        if not folder.exists():
+            continue
+        if not folder.is_dir():
+            what = "is a file" if folder == out else f"cannot be created: '{folder}' is a file"
+            raise ConfigError(f"output_dir: '{cfg.output_dir}' {what}, not a folder; choose another output_dir "
+                              "or move the file")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"output_dir: '{folder}' is not writable; choose another output_dir or fix its "
+                              "permissions")
+        return
 
 
 def dump_config(cfg: TrainConfig, path: Path) -> None:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import DataError
-from .images import CaptionedImage, read_metadata
+from .images import CaptionedImage, check_data_dir, read_metadata, read_text_file
 from .label import IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, caption_from_sidecar, list_images
 
 CAPTION_SOURCES = ("auto", "csv", "sidecar", "kohya_json", "jsonl")
@@ -31,8 +31,7 @@ def resolve_caption_source(train_data_dir: Path, metadata_path: Path, source: st
 
 def read_captions(train_data_dir: Path, metadata_path: Path, source: str = "auto") -> tuple[list[CaptionedImage], str]:
     """All (image, caption) pairs and the description of where they came from."""
-    if not train_data_dir.is_dir():
-        raise DataError(f"train_data_dir not found: {train_data_dir}")
+    check_data_dir(train_data_dir)
     kind = resolve_caption_source(train_data_dir, metadata_path, source)
     if kind == "csv":
         return read_metadata(train_data_dir, metadata_path), str(metadata_path)
@@ -75,22 +74,29 @@ def _find_image(folder: Path, key: str) -> Path | None:
     return None
 
 
+def _loads(path: Path, line: int, text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{line + exc.lineno - 1}: invalid JSON ({exc.msg}); fix the syntax there") from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer over Python's digit limit, or absurd nesting
+        raise DataError(f"{path}:{line}: invalid JSON ({str(exc)[:80]}); fix the value there") from None
+
+
 def _read_kohya_json(folder: Path, path: Path) -> list[CaptionedImage]:
     """kohya's fine-tuning metadata: ``{image_key: {"caption": ..., "tags": ...}}``; caption and tags are joined."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    data = _loads(path, 1, read_text_file(path, "metadata_path"))
     if not isinstance(data, dict):
-        raise DataError(f"{path}: expected an object mapping image keys to {{caption, tags}}")
+        raise DataError(f"{path}: expected an object mapping image keys to {{caption, tags}}; write kohya's format")
     samples = []
     for key, entry in data.items():
         if not isinstance(entry, dict):
-            raise DataError(f"{path}: entry {key!r} must be an object with caption and/or tags")
+            raise DataError(f"{path}: entry {key!r} must be an object with caption and/or tags; write "
+                            f'"{key}": {{"caption": "..."}}')
         caption = ", ".join(str(entry[k]).strip() for k in ("caption", "tags") if entry.get(k))
         image = _find_image(folder, key) or _find_image(folder, Path(key).name)
         if image is None:
-            raise DataError(f"{path}: image for key {key!r} not found in {folder}")
+            raise DataError(f"{path}: image for key {key!r} not found in {folder}; fix the key or remove the entry")
         samples.append(CaptionedImage(image, caption))
     if not samples:
         raise DataError(f"{path}: no entries")
@@ -100,20 +106,18 @@ def _read_kohya_json(folder: Path, path: Path) -> list[CaptionedImage]:
 def _read_jsonl(folder: Path, path: Path) -> list[CaptionedImage]:
     """Imagefolder ``metadata.jsonl``: one ``{"file_name": ..., "text": ...}`` per line (also image/caption/prompt)."""
     samples = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for line_no, line in enumerate(read_text_file(path, "metadata_path").split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
+        row = _loads(path, line_no, line)
         name = next((row[k] for k in _FILE_KEYS if isinstance(row, dict) and k in row), None)
         text = next((row[k] for k in _TEXT_KEYS if isinstance(row, dict) and k in row), None)
         if name is None or text is None:
-            raise DataError(f"{path}:{line_no}: needs a file_name and a text (or caption/prompt) field")
+            raise DataError(f"{path}:{line_no}: needs a file_name and a text (or caption/prompt) field; write "
+                            '{"file_name": "img.png", "text": "..."}')
         image = _find_image(folder, str(name))
         if image is None:
-            raise DataError(f"{path}:{line_no}: image '{name}' not found in {folder}")
+            raise DataError(f"{path}:{line_no}: image '{name}' not found in {folder}; fix the name or remove the line")
         samples.append(CaptionedImage(image, str(text).strip()))
     if not samples:
         raise DataError(f"{path}: no rows")

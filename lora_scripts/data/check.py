@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from ..errors import DataError
 from .captions import read_captions
 from .images import CaptionedImage
 from .label import list_images
+
+HUGE_FACTOR = 8  # an image more than 8x resolution on both sides is decoded and downscaled every draw: a warning
 
 
 @dataclass
@@ -62,6 +65,20 @@ class DataReport:
         return "\n".join(lines)
 
 
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _decoded_size(data: bytes) -> tuple[int, int]:
+    """Fully decode an image (verify() misses truncated files) and return its upright (width, height). Files over
+    PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) raise: training would decode them every draw."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return ImageOps.exif_transpose(img).size
+
+
 def check_images(
     train_data_dir: Path, metadata_path: Path, resolution: int, caption_source: str = "auto",
     max_caption_tokens: int | None = None, tokenizer: Any = None,
@@ -75,19 +92,29 @@ def check_images(
         return report
     digest = hashlib.sha256()
     by_content: dict[str, str] = {}
+    rows = Counter(s.path for s in samples)
+    for path, n in rows.items():
+        if n > 1:
+            report.add("warning", "duplicate_row", f"{path.name} is listed {n} times in {report.source} and is "
+                       f"trained {n} times as often; remove the extra rows unless that is intended")
     for sample in samples:
-        data = sample.path.read_bytes()
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()  # a full decode: verify() misses truncated files
-                width, height = ImageOps.exif_transpose(img).size
+            data = sample.path.read_bytes()
+            width, height = _decoded_size(data)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            report.add("error", "too_large", f"{sample.path}: too large to decode safely ({_first_line(exc)}; PIL's "
+                       "Image.MAX_IMAGE_PIXELS); downscale the file or remove it")
+            continue
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            report.add("error", "unreadable", f"{sample.path}: unreadable image ({exc}); fix or remove it from {report.source}")
+            reason = ("not an image format PIL can read" if isinstance(exc, UnidentifiedImageError)
+                      else getattr(exc, "strerror", None) or _first_line(exc))
+            report.add("error", "unreadable", f"{sample.path}: unreadable image ({reason}); fix or remove it from "
+                       f"{report.source}")
             continue
         report.sizes.append((width, height))
         content = hashlib.sha256(data).hexdigest()
         report.hashes.append(content)
-        if content in by_content:
+        if content in by_content and by_content[content] != sample.path.name:
             report.add("warning", "duplicate_file", f"{sample.path.name} has the same content as {by_content[content]}")
         by_content.setdefault(content, sample.path.name)
         if min(width, height) < resolution / 4:
@@ -96,6 +123,10 @@ def check_images(
         elif min(width, height) < resolution:
             report.add("warning", "small", f"{sample.path.name}: {width}x{height} is smaller than resolution "
                        f"{resolution} and will be upscaled")
+        elif resolution and min(width, height) > HUGE_FACTOR * resolution:
+            report.add("warning", "huge", f"{sample.path.name}: {width}x{height} is over {HUGE_FACTOR}x resolution "
+                       f"{resolution} and is decoded and downscaled at every draw (slow); downscale the file or set "
+                       "cache_latents")
         if not sample.prompt.strip():
             report.add("warning", "empty_caption", f"{sample.path.name}: empty caption")
         digest.update(sample.path.name.encode() + b"\0" + sample.prompt.encode() + b"\0" + bytes.fromhex(content))

@@ -9,6 +9,7 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -33,22 +34,47 @@ class ImageDataSummary:
     source: str = ""
 
 
+def check_data_dir(train_data_dir: Path) -> None:
+    """Raise a DataError unless ``train_data_dir`` is an existing folder."""
+    if not train_data_dir.exists():
+        raise DataError(f"train_data_dir not found: {train_data_dir} (check the path in the config)")
+    if not train_data_dir.is_dir():
+        raise DataError(f"train_data_dir is not a directory: {train_data_dir} (point it at the folder of training data)")
+
+
+def read_text_file(path: Path, what: str = "file") -> str:
+    """A UTF-8 text file (a BOM is dropped), newlines untranslated; errors name the file and line and say what to do."""
+    if path.is_dir():
+        raise DataError(f"{what} is a directory, not a file: {path} (point it at the file inside)")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the {what} ({exc.strerror or exc}); check its permissions") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8") from None
+
+
 def read_metadata(train_data_dir: Path, metadata_path: Path) -> list[CaptionedImage]:
     """Parse ``metadata.csv`` (header ``filename,prompt``); every error names the file and line."""
-    if not train_data_dir.exists():
-        raise DataError(f"train_data_dir not found: {train_data_dir}")
-    if not train_data_dir.is_dir():
-        raise DataError(f"train_data_dir is not a directory: {train_data_dir}")
+    check_data_dir(train_data_dir)
     if not metadata_path.exists():
         raise DataError(
             f"metadata_path not found: {metadata_path} (create it with `python tools/auto_label.py --input "
             f"{train_data_dir} --output {metadata_path}` or write a CSV with header filename,prompt)"
         )
+    # newline="": line breaks inside quoted prompts are kept as written, and \r, \n, \r\n all end a row
+    reader = csv.reader(io.StringIO(read_text_file(metadata_path, "metadata_path"), newline=""))
     try:
-        text = metadata_path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{metadata_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    reader = csv.reader(io.StringIO(text))
+        return _read_rows(reader, train_data_dir, metadata_path)
+    except csv.Error as exc:
+        raise DataError(f"{metadata_path}:{reader.line_num}: malformed CSV ({exc}); quote prompts that hold commas, "
+                        "quotes or line breaks (the csv module or lora-scripts label write them correctly)") from None
+
+
+def _read_rows(reader: Any, train_data_dir: Path, metadata_path: Path) -> list[CaptionedImage]:
     header = next(reader, None)
     if header is None:
         raise DataError(f"{metadata_path}: the file is empty; expected a header line `filename,prompt`")
@@ -66,13 +92,15 @@ def read_metadata(train_data_dir: Path, metadata_path: Path) -> list[CaptionedIm
         if not row or all(not cell.strip() for cell in row):
             continue
         if len(row) <= max(i_file, i_prompt):
-            raise DataError(f"{metadata_path}:{line}: expected {len(columns)} columns, got {len(row)}")
+            raise DataError(f"{metadata_path}:{line}: expected {len(columns)} columns, got {len(row)}; write "
+                            f"{','.join(header)} on every line (quote prompts that hold commas)")
         name, prompt = row[i_file].strip(), row[i_prompt].strip()
         if not name:
-            raise DataError(f"{metadata_path}:{line}: empty filename")
+            raise DataError(f"{metadata_path}:{line}: empty filename; name the image or remove the line")
         path = train_data_dir / name
         if not path.is_file():
-            raise DataError(f"{metadata_path}:{line}: image '{name}' not found in {train_data_dir}")
+            raise DataError(f"{metadata_path}:{line}: image '{name}' not found in {train_data_dir}; fix the name "
+                            "or remove the line")
         samples.append(CaptionedImage(path, prompt))
     if not samples:
         raise DataError(f"{metadata_path}: no rows after the header; add one `filename,prompt` line per image")
@@ -108,6 +136,10 @@ def load_image_tensor(
     target_w, target_h = (resolution, resolution) if isinstance(resolution, int) else resolution
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
+        if img.mode in ("I", "F") or img.mode.startswith("I;16"):  # 16-bit or float grey: scale, don't clip at 255
+            grey = np.asarray(img, dtype=np.float32)
+            top = 1.0 if img.mode == "F" and grey.max() <= 1.0 else 65535.0 if grey.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(grey * (255.0 / top), 0, 255).round().astype(np.uint8))
         if img.mode in ("RGBA", "LA", "P") and (img.mode != "P" or "transparency" in img.info):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))

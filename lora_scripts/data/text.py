@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .images import check_data_dir, read_text_file
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
@@ -55,14 +56,11 @@ def load_records(path: Path) -> list[Record]:
     ext = path.suffix.lower()
     if ext not in SUPPORTED_EXTENSIONS:
         raise DataError(f"{path}: unsupported file type {ext!r}; supported: {', '.join(SUPPORTED_EXTENSIONS)}")
+    if not path.exists():
+        raise DataError(f"data file not found: {path} (check the path in the config)")
     if ext == ".parquet":
         return _load_parquet(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"data file not found: {path}") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = read_text_file(path, "data file").replace("\r\n", "\n").replace("\r", "\n")  # universal newlines
     lines = text.split("\n")  # not splitlines(): JSON strings may hold U+2028 and other line separators
     if ext == ".jsonl":
         return [Record(path, n, _json(path, n, line, dict)) for n, line in enumerate(lines, 1) if line.strip()]
@@ -70,10 +68,15 @@ def load_records(path: Path) -> list[Record]:
         return _load_json_list(path, text)
     if ext == ".csv":
         reader, records = csv.DictReader(io.StringIO(text)), []
-        for row in reader:
-            if None in row:  # DictReader files surplus cells under the key None
-                raise DataError(f"{path}:{reader.line_num}: more cells than header columns {reader.fieldnames}")
-            records.append(Record(path, reader.line_num, row))
+        try:
+            for row in reader:
+                if None in row:  # DictReader files surplus cells under the key None
+                    raise DataError(f"{path}:{reader.line_num}: more cells than header columns {reader.fieldnames}; "
+                                    "quote cells that hold commas")
+                records.append(Record(path, reader.line_num, row))
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc}); quote cells that hold commas, quotes "
+                            "or line breaks") from None
         return records
     return [Record(path, n, {"text": line.rstrip("\r")}) for n, line in enumerate(lines, 1) if line.strip()]
 
@@ -82,9 +85,13 @@ def _json(path: Path, line: int, text: str, kind: type) -> Any:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{line}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        raise DataError(f"{path}:{line}: invalid JSON ({exc.msg} at column {exc.colno}); fix the syntax or remove "
+                        "the line") from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer over Python's digit limit, or absurd nesting
+        raise DataError(f"{path}:{line}: invalid JSON ({str(exc)[:80]}); fix the value there") from None
     if not isinstance(value, kind):
-        raise DataError(f"{path}:{line}: expected a JSON {kind.__name__}, got {type(value).__name__}")
+        want, shape = ("object", "one {...} object per line") if kind is dict else ("list", "a JSON list [...]")
+        raise DataError(f"{path}:{line}: expected a JSON {want}, got {type(value).__name__}; write {shape}")
     return value
 
 
@@ -100,15 +107,20 @@ def _load_json_list(path: Path, text: str) -> list[Record]:
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno}); fix the syntax "
+                            "there") from None
+        except (ValueError, RecursionError) as exc:
+            raise DataError(f"{path}:{line}: invalid JSON ({str(exc)[:80]}); fix the value there") from None
         if not isinstance(value, dict):
-            raise DataError(f"{path}:{line}: expected a JSON object, got {type(value).__name__}")
+            raise DataError(f"{path}:{line}: expected a JSON object, got {type(value).__name__}; the list must "
+                            "hold {...} objects")
         records.append(Record(path, line, value))
         pos = _WS.match(text, end).end()
         if text.startswith(",", pos):
             pos = _WS.match(text, pos + 1).end()
         elif not text.startswith("]", pos):
-            raise DataError(f"{path}:{line + text.count(chr(10), counted, pos)}: invalid JSON (expected ',' or ']')")
+            raise DataError(f"{path}:{line + text.count(chr(10), counted, pos)}: invalid JSON (expected ',' or "
+                            "']'); separate the objects with commas")
     return records
 
 
@@ -120,7 +132,8 @@ def _load_parquet(path: Path) -> list[Record]:
     try:
         return [Record(path, n, row) for n, row in enumerate(pq.read_table(path).to_pylist(), 1)]
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read parquet ({exc})") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{path}: cannot read parquet ({reason}); re-write it with pandas or pyarrow") from None
 
 
 def load_text_dataset(train_data_dir: Path | None, metadata_path: Path | None) -> list[Record]:
@@ -129,8 +142,7 @@ def load_text_dataset(train_data_dir: Path | None, metadata_path: Path | None) -
         files = [Path(metadata_path)]
     elif train_data_dir is not None:
         folder = Path(train_data_dir)
-        if not folder.is_dir():
-            raise DataError(f"train_data_dir not found or not a directory: {folder}")
+        check_data_dir(folder)
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS)
         if not files:
             raise DataError(f"{folder}: no data files; expected one of {', '.join(SUPPORTED_EXTENSIONS)}")
@@ -171,10 +183,11 @@ def _field(record: Record, name: str, required: bool = True, kind: type = str) -
     value = record.data.get(name)
     if value is None or (isinstance(value, float) and value != value):  # NaN: an empty parquet cell
         if required:
-            raise DataError(f"{record.where}: missing field {name!r} (fields found: {sorted(record.data)})")
+            raise DataError(f"{record.where}: missing field {name!r} (fields found: {sorted(record.data)}); add it")
         return None
     if not isinstance(value, kind):
-        raise DataError(f"{record.where}: field {name!r} must be a {kind.__name__}, got {type(value).__name__}")
+        raise DataError(f"{record.where}: field {name!r} must be a string, got {type(value).__name__} "
+                        f"({value!r:.40}); write it in double quotes")
     return value
 
 
@@ -182,7 +195,7 @@ def normalize_record(record: Record, fmt: str) -> list[Turn]:
     """Turn a record into ``[{"role", "content"}]`` and check it (the text format gives one ``text`` turn)."""
     if fmt == "text":
         if not (text := _field(record, "text")).strip():
-            raise DataError(f"{record.where}: empty 'text'")
+            raise DataError(f"{record.where}: empty 'text'; write the sample or remove the line")
         return [{"role": "text", "content": text}]
     if fmt == "alpaca":
         prompt = _field(record, "instruction")
@@ -195,20 +208,22 @@ def normalize_record(record: Record, fmt: str) -> list[Turn]:
     key, role_key, content_key = {"sharegpt": ("conversations", "from", "value"),
                                   "messages": ("messages", "role", "content")}[fmt]
     raw = _field(record, key, kind=object)
-    if isinstance(raw, str):  # a CSV cell holds the list as a JSON string
+    if isinstance(raw, str) and raw.lstrip().startswith("["):  # a CSV cell holds the list as a JSON string
         raw = _json(record.source, record.line, raw, list)
     if not isinstance(raw, list):
-        raise DataError(f"{record.where}: {key!r} must be a list of {{{role_key}, {content_key}}} objects")
+        raise DataError(f"{record.where}: {key!r} must be a list of {{{role_key}, {content_key}}} objects, got "
+                        f"{type(raw).__name__}; write [{{\"{role_key}\": ..., \"{content_key}\": ...}}, ...]")
     roles, turns = _SHAREGPT_ROLES if fmt == "sharegpt" else _ROLES, []
     for i, item in enumerate(raw):
         if not isinstance(item, dict) or role_key not in item or content_key not in item:
             found = sorted(item) if isinstance(item, dict) else type(item).__name__
-            raise DataError(f"{record.where}: {key}[{i}] needs fields {role_key!r} and {content_key!r}, found {found}")
+            raise DataError(f"{record.where}: {key}[{i}] needs fields {role_key!r} and {content_key!r}, found {found}; "
+                            "add them")
         if (role := roles.get(item[role_key]) if isinstance(item[role_key], str) else None) is None:
             raise DataError(f"{record.where}: {key}[{i}] has unsupported {role_key} {item[role_key]!r}; "
                             f"use {', '.join(roles)}")
         if not isinstance(item[content_key], str):
-            raise DataError(f"{record.where}: {key}[{i}].{content_key} must be a string")
+            raise DataError(f"{record.where}: {key}[{i}].{content_key} must be a string; write it in double quotes")
         turns.append({"role": role, "content": item[content_key]})
     body = turns[1:] if turns and turns[0]["role"] == "system" else turns
     if not body:
@@ -218,7 +233,8 @@ def normalize_record(record: Record, fmt: str) -> list[Turn]:
             raise DataError(f"{record.where}: {key}[{i + len(turns) - len(body)}] is {turn['role']!r} where "
                             f"{expected!r} was expected; turns alternate user/assistant after an optional system turn")
     if body[-1]["role"] != "assistant":
-        raise DataError(f"{record.where}: conversation in {key!r} must end with an assistant turn")
+        raise DataError(f"{record.where}: conversation in {key!r} must end with an assistant turn; add the answer "
+                        "or drop the last turn")
     return turns
 
 

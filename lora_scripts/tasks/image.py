@@ -116,6 +116,9 @@ class ImageTask(Task):
     name = "image"
 
     def check_base_model(self) -> None:
+        from ..config import check_environment
+
+        check_environment(self.cfg)
         if self.cfg.target_modules == "all-linear":
             raise ConfigError("target_modules: all-linear is for the text task; list UNet module names instead")
         if self.cfg.network_weights is not None:

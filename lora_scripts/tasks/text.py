@@ -78,6 +78,9 @@ class TextTask(Task):
 
     # --- checks (tokenizer, no model) ----------------------------------------------------------------------------
     def check_base_model(self) -> None:
+        from ..config import check_environment
+
+        check_environment(self.cfg)
         _hub_or_folder(self.cfg.base_model, "base_model", "config.json")
         if self.cfg.network_weights is not None and not (Path(self.cfg.network_weights) / "adapter_config.json").is_file():
             raise ConfigError(f"network_weights: '{self.cfg.network_weights}' is not a PEFT adapter folder "
@@ -98,7 +101,8 @@ class TextTask(Task):
         if not val_records and cfg.val_size > 0:
             count = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(cfg.val_size * len(records)))
             if count >= len(records):
-                raise ConfigError(f"val_size: {cfg.val_size} leaves no training samples out of {len(records)}")
+                raise ConfigError(f"val_size: {cfg.val_size} leaves no training samples out of {len(records)} (lower "
+                                  "val_size, or give val_data)")
             order = np.random.default_rng(cfg.seed).permutation(len(records))
             held = set(order[:count].tolist())
             val_records = [r for i, r in enumerate(records) if i in held]
