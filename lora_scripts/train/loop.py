@@ -74,7 +74,8 @@ def _resolve_resume(cfg: TrainConfig, root: Path) -> Path | None:
         return latest_checkpoint(root)
     path = Path(cfg.resume)
     if not (path / "state.json").is_file():
-        raise ConfigError(f"resume: '{cfg.resume}' is not a complete checkpoint folder (no state.json)")
+        raise ConfigError(f"resume: '{cfg.resume}' is not a complete checkpoint folder (no state.json); point it at "
+                          f"a <output_dir>/checkpoints/step-N folder or use resume: latest")
     return path
 
 
@@ -120,7 +121,7 @@ class Trainer:
         cfg = self.cfg
         self.task: Task = make_task(cfg)
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
+            raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; set mixed_precision: bf16 or no on CPU")
         self.task.check_base_model()
         self.data = self.task.check_data()
         self.resume_from = _resolve_resume(cfg, self.checkpoint_root)
