@@ -120,8 +120,6 @@ class Trainer:
         """Everything a user can get wrong that is cheap to see: before accelerate, before any model."""
         cfg = self.cfg
         self.task: Task = make_task(cfg)
-        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; set mixed_precision: bf16 or no on CPU")
         self.task.check_base_model()
         self.data = self.task.check_data()
         self.resume_from = _resolve_resume(cfg, self.checkpoint_root)
