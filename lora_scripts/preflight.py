@@ -19,6 +19,10 @@ from .config import TrainConfig
 from .errors import ConfigError
 
 GiB = 2**30
+# What a CPU training process holds beyond its tensors (allocator and library buffers: oneDNN scratch space, the
+# DataLoader, autograd bookkeeping). Measured as the constant gap in benchmarks/memory_estimate_calibration.py
+# (14-29 MiB over eight configs); on a GPU the CUDA context is outside max_memory_allocated, so nothing is added.
+CPU_RUNTIME_OVERHEAD = 24 * 2**20
 
 
 @dataclass
@@ -140,6 +144,8 @@ def estimate_memory(cfg: TrainConfig, capacity: int | None = None) -> MemoryEsti
     frozen_dtype = half if (half is not None and torch.cuda.is_available()) else torch.float32
     one = measure_step(task, 1, frozen_dtype)
     at_batch = measure_step(task, cfg.batch_size, frozen_dtype) if cfg.batch_size > 1 else one
+    if not torch.cuda.is_available():
+        one["runtime overhead (CPU)"] = at_batch["runtime overhead (CPU)"] = CPU_RUNTIME_OVERHEAD
     estimate = MemoryEstimate(cfg.batch_size, at_batch, capacity if capacity is not None else free_device_memory())
     if estimate.capacity is not None:
         # activations and temporaries grow linearly with the batch; the rest does not
