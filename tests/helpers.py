@@ -39,3 +39,12 @@ def assert_same_tensors(a: Path, b: Path, atol: float = 0.0) -> None:
             assert torch.equal(ta[key], tb[key]), f"{key} differs: max {(ta[key] - tb[key]).abs().max()}"
         else:
             torch.testing.assert_close(ta[key], tb[key], atol=atol, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
+def run_torchrun(config: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N train.py --config CONFIG`` on CPU (gloo), as a user would launch it."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         str(REPO_ROOT / "train.py"), "--config", str(config), "--no-progress"],
+        env=cli_env(), capture_output=True, text=True, timeout=400,
+    )

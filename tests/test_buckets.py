@@ -56,18 +56,13 @@ def test_training_with_buckets_uses_non_square_batches(write_config, image_data)
 
 
 def test_buckets_two_processes_equal_one(write_config, image_data, tmp_path):
-    import subprocess
-    import sys
-
-    from .helpers import REPO_ROOT, cli_env
+    from .helpers import run_torchrun
 
     mixed_aspect_data(image_data)
     common = dict(resolution=48, bucket=True, bucket_step=16, max_train_steps=3)
     train(load_config(write_config("a.yaml", output="one", batch_size=2, **common)), show_progress=False)
     config = write_config("b.yaml", output="two", batch_size=1, **common)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(REPO_ROOT / "train.py"), "--config", str(config), "--no-progress"],
-                          env=cli_env(), capture_output=True, text=True, timeout=400)
+    proc = run_torchrun(config)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_tensors(tmp_path / "one/checkpoints/step-3/adapter.safetensors",
                         tmp_path / "two/checkpoints/step-3/adapter.safetensors", atol=1e-5)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from lora_scripts.config import load_config
 from lora_scripts.train.loop import train
 
-from .helpers import REPO_ROOT, assert_same_tensors, cli_env
+from .helpers import assert_same_tensors, run_torchrun
 
 
 def test_accumulation_equals_large_batch(write_config, tmp_path):
@@ -23,11 +20,7 @@ def test_torchrun_two_processes_equals_one(write_config, tmp_path):
     steps = dict(max_train_steps=3, save_steps=2, lr_scheduler="linear")
     train(load_config(write_config("one.yaml", output="one", batch_size=4, **steps)), show_progress=False)
     config = write_config("two.yaml", output="two", batch_size=2, **steps)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO_ROOT / "train.py"), "--config", str(config), "--no-progress"],
-        env=cli_env(), capture_output=True, text=True, timeout=400,
-    )
+    proc = run_torchrun(config)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
     for name in ("checkpoints/step-2/adapter.safetensors", "checkpoints/step-3/adapter.safetensors"):

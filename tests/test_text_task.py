@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import yaml
@@ -14,7 +11,7 @@ from lora_scripts.config import build_config
 from lora_scripts.testing import CHATML_JINJA, make_instruction_data, make_tiny_causal_lm
 from lora_scripts.train.loop import Trainer, train
 
-from .helpers import REPO_ROOT, assert_same_tensors, cli_env
+from .helpers import assert_same_tensors, run_torchrun
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +120,7 @@ def test_torchrun_two_processes_equals_one(text_cfg, tmp_path):
     cfg = text_cfg(output="two", batch_size=2)
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(cfg.to_yaml_dict()))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(REPO_ROOT / "train.py"), "--config", str(path), "--no-progress"],
-                          env=cli_env(), capture_output=True, text=True, timeout=400)
+    proc = run_torchrun(path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_tensors(tmp_path / "one/checkpoints/step-3/adapter.safetensors",
                         tmp_path / "two/checkpoints/step-3/adapter.safetensors", atol=1e-5)
