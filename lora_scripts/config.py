@@ -80,6 +80,7 @@ class TrainConfig(_Strict):
         description="Module names that get LoRA, or `all-linear` (text). Default: to_q, to_k, to_v, to_out.0 of the "
         "UNet attention (image); the attention projections of the model family (text).",
     )
+    use_rslora: bool = Field(False, description="rank-stabilised LoRA: scale by alpha/sqrt(rank) instead of alpha/rank.")
     network_weights: Path | None = Field(
         None, description="Start from an existing LoRA (text: a PEFT adapter folder) instead of a fresh one."
     )
@@ -147,6 +148,12 @@ class TrainConfig(_Strict):
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    optimizer: Literal["adamw", "adafactor", "prodigy", "adamw8bit", "paged_adamw8bit"] = Field(
+        "adamw", description="adamw (torch, fused on GPU); adafactor (transformers); prodigy (pip install prodigyopt; "
+        "use learning_rate 1.0); adamw8bit / paged_adamw8bit (bitsandbytes, CUDA only)."
+    )
+    noise_offset: float = Field(0.0, ge=0, description="image: add offset noise (per channel) of this strength.")
+    min_snr_gamma: float | None = Field(None, gt=0, description="image: Min-SNR loss weighting with this gamma (5 is usual).")
     seed: int = Field(42, ge=0, description="Seed for LoRA initialisation, data order, noise and timesteps.")
 
     # --- output, checkpoints, resume -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from ..data.images import CaptionedImage, augment_caption, load_image_tensor
 from ..errors import ConfigError
+from ..lora import effective_alpha, make_lora_config
 from .base import DataSummary, RunInfo, SampleKey, Task
 
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -110,6 +111,17 @@ def check_diffusers_model_path(base_model: str) -> Path | None:
     return None
 
 
+def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon targets,
+    min(SNR, gamma) / (SNR + 1) for v-prediction."""
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
 class ImageTask(Task):
     """LoRA on the UNet of a Stable Diffusion 1.x / 2.x model."""
 
@@ -174,7 +186,6 @@ class ImageTask(Task):
 
     def load_model(self, device: torch.device, weight_dtype: torch.dtype) -> torch.nn.Module:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from peft import LoraConfig
         from transformers import CLIPTextModel, CLIPTokenizer
 
         base = self.cfg.base_model
@@ -195,15 +206,7 @@ class ImageTask(Task):
         self.vae.eval()
         self.device = device
 
-        unet.add_adapter(
-            LoraConfig(
-                r=self.cfg.lora_rank,
-                lora_alpha=self.cfg.alpha,
-                lora_dropout=self.cfg.lora_dropout,
-                init_lora_weights=True,
-                target_modules=self.cfg.target_modules or DEFAULT_TARGET_MODULES,
-            )
-        )
+        unet.add_adapter(make_lora_config(self.cfg, self.cfg.target_modules or DEFAULT_TARGET_MODULES))
         # Trainable LoRA tensors stay in fp32 even when the frozen base runs in half precision.
         for param in unet.parameters():
             if param.requires_grad:
@@ -253,7 +256,6 @@ class ImageTask(Task):
 
     def memory_probe(self) -> tuple[list[torch.nn.Module], torch.nn.Module, Any]:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from peft import LoraConfig
         from transformers import CLIPTextConfig, CLIPTextModel
 
         cfg, base = self.cfg, self.cfg.base_model
@@ -267,8 +269,7 @@ class ImageTask(Task):
             raise ConfigError(f"base_model: could not read the configs of '{base}': {str(exc).splitlines()[0]}") from None
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
-                                    target_modules=cfg.target_modules or DEFAULT_TARGET_MODULES))
+        unet.add_adapter(make_lora_config(cfg, cfg.target_modules or DEFAULT_TARGET_MODULES))
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.unet, self.vae, self.text_encoder, self.device = unet, vae, text_encoder, torch.device("cpu")
@@ -334,6 +335,9 @@ class ImageTask(Task):
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
         timesteps = torch.cat([torch.randint(0, num_timesteps, (1,), generator=g) for g in generators]).to(device)
+        if self.cfg.noise_offset:  # drawn last, so turning it on changes no other draw
+            offsets = torch.stack([torch.randn(shape[0], 1, 1, generator=g) for g in generators]).to(device)
+            noise = noise + self.cfg.noise_offset * offsets
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -344,6 +348,8 @@ class ImageTask(Task):
             raise ConfigError(f"base_model: scheduler prediction_type '{prediction_type}' is not supported")
         pred = model(noisy.to(self.unet.dtype), timesteps, hidden).sample
         per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.cfg.min_snr_gamma:
+            per_sample = per_sample * min_snr_weights(self.noise_scheduler, timesteps, self.cfg.min_snr_gamma)
         return per_sample.sum()
 
     def generate_samples(self, model: torch.nn.Module) -> list[tuple[str, Any]]:
@@ -387,7 +393,7 @@ class ImageTask(Task):
         state = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(model).items()}
         meta = kohya_metadata(
             network_dim=cfg.lora_rank,
-            network_alpha=cfg.alpha,
+            network_alpha=effective_alpha(cfg),
             base_model_version=self.base_model_version(),
             base_model=cfg.base_model,
             output_name=cfg.output_name,
@@ -415,7 +421,7 @@ class ImageTask(Task):
                 **run.provenance(),
             },
         )
-        kohya_path = write_kohya_lora(output_dir / f"{cfg.output_name}.safetensors", peft_to_kohya(state, "lora_unet", cfg.alpha), meta)
+        kohya_path = write_kohya_lora(output_dir / f"{cfg.output_name}.safetensors", peft_to_kohya(state, "lora_unet", effective_alpha(cfg)), meta)
 
         diffusers_dir = output_dir / "diffusers"
         StableDiffusionPipeline.save_lora_weights(
@@ -423,7 +429,7 @@ class ImageTask(Task):
             unet_lora_layers=convert_state_dict_to_diffusers(state),
             unet_lora_adapter_metadata={
                 "r": cfg.lora_rank,
-                "lora_alpha": cfg.alpha,
+                "lora_alpha": effective_alpha(cfg),
                 "target_modules": sorted(set(cfg.target_modules or DEFAULT_TARGET_MODULES)),
                 "lora_dropout": cfg.lora_dropout,
             },

@@ -32,6 +32,7 @@ from ..data.text import (
     tokenize_dataset,
 )
 from ..errors import ConfigError
+from ..lora import make_lora_config
 from .base import DataSummary, RunInfo, SampleKey, Task
 
 # Attention projections per model family (what most LLM LoRA recipes target by default).
@@ -126,7 +127,7 @@ class TextTask(Task):
 
     # --- model ---------------------------------------------------------------------------------------------------
     def load_model(self, device: torch.device, weight_dtype: torch.dtype) -> torch.nn.Module:
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM
 
         cfg = self.cfg
@@ -144,8 +145,7 @@ class TextTask(Task):
             model = PeftModel.from_pretrained(model, str(cfg.network_weights), is_trainable=True)
         else:
             targets = cfg.target_modules or DEFAULT_TARGET_MODULES.get(model.config.model_type, "all-linear")
-            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
-                              target_modules=targets, task_type="CAUSAL_LM")
+            lora = make_lora_config(cfg, targets, task_type="CAUSAL_LM")
             try:
                 model = get_peft_model(model, lora)
             except ValueError as exc:
@@ -157,7 +157,7 @@ class TextTask(Task):
         return model
 
     def memory_probe(self) -> tuple[list[torch.nn.Module], torch.nn.Module, Any]:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
         from transformers import AutoConfig, AutoModelForCausalLM
 
         cfg = self.cfg
@@ -169,8 +169,7 @@ class TextTask(Task):
             model = AutoModelForCausalLM.from_config(config, attn_implementation="eager" if cfg.packing else None)
         model.requires_grad_(False)
         targets = cfg.target_modules or DEFAULT_TARGET_MODULES.get(config.model_type, "all-linear")
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        model = get_peft_model(model, make_lora_config(cfg, targets, task_type="CAUSAL_LM"))
         if cfg.gradient_checkpointing:
             self.enable_gradient_checkpointing(model)
         self.model, self.device = model, torch.device("cpu")

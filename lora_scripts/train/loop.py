@@ -49,6 +49,7 @@ from .checkpoint import (
     temp_checkpoint_dir,
 )
 from .logs import TrainingLogger, peak_memory_mb
+from .optim import make_optimizer
 from .signals import StopRequest
 
 
@@ -121,6 +122,8 @@ class Trainer:
         cfg = self.cfg
         self.task: Task = make_task(cfg)
         self.task.check_base_model()
+        if cfg.optimizer in ("adamw8bit", "paged_adamw8bit", "prodigy"):
+            make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])  # refuses at once if it cannot run here
         self.data = self.task.check_data()
         self.resume_from = _resolve_resume(cfg, self.checkpoint_root)
         self._check_output_dir()
@@ -169,13 +172,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.task.enable_gradient_checkpointing(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            self.params,
-            lr=cfg.learning_rate,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon,
-            weight_decay=cfg.weight_decay,
-        )
+        optimizer = make_optimizer(cfg, self.params)
         self.plan = BatchPlan(
             num_samples=self.data.num_samples,
             batch_size=cfg.batch_size,

@@ -1,0 +1,38 @@
+"""Optimizers by name (``optimizer`` in the config). Libraries do the work; this only picks and configures."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import ConfigError
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.optimizer`` over ``params``; a one-line ConfigError when it cannot run here."""
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if cfg.optimizer == "adamw":
+        on_gpu = all(p.is_cuda for p in params)
+        # fused AdamW is one kernel per step on CUDA; foreach (the CPU default) batches the per-tensor loops
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
+                                 weight_decay=cfg.weight_decay, fused=True if on_gpu else None)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, scale_parameter=False,
+                         relative_step=False, warmup_init=False)
+    if cfg.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise ConfigError("optimizer: prodigy needs the prodigyopt package (pip install prodigyopt)") from None
+        return Prodigy(params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.weight_decay)
+    # 8-bit AdamW variants: bitsandbytes, CUDA only
+    if not torch.cuda.is_available():
+        raise ConfigError(f"optimizer: {cfg.optimizer} needs a CUDA GPU (bitsandbytes); use adamw or adafactor on CPU")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError(f"optimizer: {cfg.optimizer} needs bitsandbytes (pip install bitsandbytes)") from None
+    cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
