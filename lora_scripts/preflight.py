@@ -55,17 +55,15 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-class _FakeCPUTracker:
-    """MemTracker without grad hooks on frozen parameters (torch's version registers one on every parameter)."""
+def _memory_tracker():
+    """torch's MemTracker without grad hooks: it registers one on every parameter, which frozen ones refuse."""
+    from torch.distributed._tools.mem_tracker import MemTracker
 
-    def __new__(cls):
-        from torch.distributed._tools.mem_tracker import MemTracker
+    class FrozenFriendlyTracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
 
-        class Tracker(MemTracker):
-            def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-                return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
-
-        return Tracker()
+    return FrozenFriendlyTracker()
 
 
 def _materialize_fake(module: torch.nn.Module, frozen_dtype: torch.dtype) -> None:
@@ -93,7 +91,7 @@ def measure_step(task: Any, batch_size: int, frozen_dtype: torch.dtype) -> dict[
             _materialize_fake(module, frozen_dtype)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
-        tracker = _FakeCPUTracker()
+        tracker = _memory_tracker()
         tracker.track_external(*modules, optimizer)
         batch = make_batch(batch_size)
         autocast = torch.autocast("cpu", dtype=frozen_dtype, enabled=frozen_dtype != torch.float32)

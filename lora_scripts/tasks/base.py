@@ -7,6 +7,7 @@ checkpoints, resume, logging. A task owns its data, its model and its loss. If t
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,18 @@ class Task(ABC):
     @abstractmethod
     def export(self, model: "torch.nn.Module", output_dir: Path, run: RunInfo) -> list[Path]:
         """Write the final LoRA in the formats the ecosystem loads; return the files written."""
+
+
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def require_hub_id(value: str, what: str = "base_model") -> None:
+    """For a ``value`` that is not an existing path: accept a hub id (``org/name``), else say it was not found."""
+    looks_like_path = value.startswith((".", "/", "~")) or "\\" in value or value.count("/") != 1
+    if looks_like_path or not HUB_ID_RE.match(value):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{what} not found: '{value}' (no such folder, and not a hub id like org/name)")
 
 
 def make_task(cfg: "TrainConfig") -> Task:

@@ -7,7 +7,6 @@ comes from that sample's own seed, so the result is independent of batch layout,
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,10 @@ from torch.utils.data import Dataset
 from ..data.images import CaptionedImage, augment_caption, load_image_tensor
 from ..errors import ConfigError
 from ..lora import effective_alpha, make_lora_config
-from .base import DataSummary, RunInfo, SampleKey, Task
+from .base import DataSummary, RunInfo, SampleKey, Task, require_hub_id
 
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ImageCaptionDataset(Dataset):
@@ -105,9 +103,9 @@ def check_diffusers_model_path(base_model: str) -> Path | None:
                 "expected the layout written by StableDiffusionPipeline.save_pretrained"
             )
         return path
-    looks_like_path = base_model.startswith((".", "/", "~")) or "\\" in base_model or base_model.count("/") != 1
-    if looks_like_path or base_model.endswith(SINGLE_FILE_SUFFIXES) or not HUB_ID_RE.match(base_model):
-        raise ConfigError(f"base_model not found: '{base_model}' (no such folder, and not a hub id like org/name)")
+    if base_model.endswith(SINGLE_FILE_SUFFIXES):
+        raise ConfigError(f"base_model not found: '{base_model}' (no such checkpoint file)")
+    require_hub_id(base_model)
     return None
 
 

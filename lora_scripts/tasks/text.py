@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from ..data.text import (
 )
 from ..errors import ConfigError
 from ..lora import make_lora_config
-from .base import DataSummary, RunInfo, SampleKey, Task
+from .base import DataSummary, RunInfo, SampleKey, Task, require_hub_id
 
 # Attention projections per model family (what most LLM LoRA recipes target by default).
 ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -43,7 +42,6 @@ DEFAULT_TARGET_MODULES = {
     "phi3": ["qkv_proj", "o_proj"], "chatglm": ["query_key_value"], "gpt2": ["c_attn", "c_proj"],
 }
 LENGTH_GROUP = 8  # length_grouped_order sorts within groups of LENGTH_GROUP * 50 samples, independent of batch layout
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class _ListDataset(Dataset):
@@ -63,8 +61,7 @@ def _hub_or_folder(value: str, what: str, marker: str) -> None:
         if not path.is_dir() or not (path / marker).is_file():
             raise ConfigError(f"{what}: '{value}' is not a transformers model folder (no {marker})")
         return
-    if value.startswith((".", "/", "~")) or not HUB_ID_RE.match(value):
-        raise ConfigError(f"{what} not found: '{value}' (no such folder, and not a hub id like org/name)")
+    require_hub_id(value, what)
 
 
 def _load_error(what: str, value: str, exc: Exception) -> ConfigError:

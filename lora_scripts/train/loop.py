@@ -313,8 +313,11 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     # --- the loop ------------------------------------------------------------------------------------------------
-    def _train_step(self, micro_batches: list[dict[str, Any]]) -> float:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the global mean loss."""
+    def _train_step(self, micro_batches: list[dict[str, Any]], stop_here: bool = False) -> tuple[float, bool]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
+
+        Returns the global mean loss and whether any process was asked to stop (SIGTERM/SIGINT); both travel in one
+        collective, so stopping costs no extra synchronisation per step."""
         acc, task, model = self.accelerator, self.task, self.model
         device = acc.device
         count = torch.tensor([float(sum(task.loss_count(b) for b in micro_batches))], device=device)
@@ -334,7 +337,9 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return acc.reduce(running.reshape(1), reduction="sum").item() / max(total, 1.0)
+        summed = acc.reduce(torch.stack([running, torch.tensor(float(stop_here), device=device)]), reduction="sum")
+        loss_sum, stops = summed.tolist()
+        return loss_sum / max(total, 1.0), stops > 0
 
     def run(self) -> TrainResult:
         from torch.utils.data import DataLoader
@@ -387,7 +392,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 micro = [next(loader_iter) for _ in range(cfg.gradient_accumulation_steps)]
                 try:
-                    loss = self._train_step(micro)
+                    loss, stop_agreed = self._train_step(micro, stop_here=stop.signal_name is not None)
                 except torch.OutOfMemoryError:
                     raise self._out_of_memory(step + 1, last_checkpoint) from None
                 step += 1
@@ -409,7 +414,7 @@ class Trainer:
                 every = cfg.sample_every_n_steps
                 if is_last or (step % every == 0 if every else is_save):
                     self._log_samples(logger, step)
-                if not is_last and self._stop_requested(stop):
+                if not is_last and stop_agreed:
                     interrupted = stop.signal_name or "a signal on another process"
                     if not is_save:
                         last_checkpoint = self.save_checkpoint(step)
@@ -448,11 +453,6 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()
         return result
-
-    def _stop_requested(self, stop: StopRequest) -> bool:
-        """Whether any process got SIGTERM/SIGINT (all processes must stop at the same step)."""
-        flag = torch.tensor([1.0 if stop.signal_name else 0.0], device=self.accelerator.device)
-        return self.accelerator.reduce(flag, reduction="sum").item() > 0
 
     def _out_of_memory(self, step: int, last_checkpoint: Path | None) -> OutOfMemory:
         """A one-line OOM message with what to change; the last complete checkpoint is untouched."""
