@@ -111,6 +111,61 @@ def make_tiny_sd_model(folder: Path, seed: int = 0, prediction_type: str = "epsi
     return folder
 
 
+def make_tiny_sdxl_model(folder: Path, seed: int = 0) -> Path:
+    """Write a tiny SDXL-shaped diffusers model: two CLIP text encoders (the second with projection, giving the
+    pooled embedding), a UNet with ``text_time`` added conditioning, VAE, tokenizers and scheduler (~2 M parameters)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    for name in ("tokenizer", "tokenizer_2"):
+        write_tiny_clip_tokenizer(folder / name)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    common = dict(
+        vocab_size=len(tokenizer), intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **common))
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=32, attention_head_dim=(2, 4), use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), cross_attention_dim=64, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=TINY_RESOLUTION, scaling_factor=0.13025,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        steps_offset=1, clip_sample=False, timestep_spacing="leading",
+    )
+    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder),
+                         ("text_encoder_2", text_encoder_2)):
+        module.save_pretrained(folder / name)
+    scheduler.save_pretrained(folder / "scheduler")
+    model_index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.42.1",
+        "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
+    return folder
+
+
 def make_captioned_images(folder: Path, count: int = 8, size: int = 48, seed: int = 0) -> Path:
     """Synthetic captioned images (coloured shapes on a light background) plus ``metadata.csv``.
 
