@@ -112,7 +112,7 @@ class TrainConfig(_Strict):
     sample_max_new_tokens: int = Field(32, ge=1, description="text: tokens generated per sample prompt.")
 
     # --- data ----------------------------------------------------------------------------------------------------
-    resolution: int = Field(512, ge=8, description="Training image size (a multiple of 8): shorter side resized, then cropped square.")
+    resolution: int = Field(512, ge=8, description="Training image size (a multiple of 8): shorter side resized, then cropped square. Default 512; 1024 for SDXL models.")
     caption_source: Literal["auto", "csv", "sidecar", "kohya_json", "jsonl"] = Field(
         "auto", description="image: where captions come from; auto: metadata_path if it exists (.csv, kohya .json or "
         ".jsonl), else <train_data_dir>/metadata.jsonl, else sidecar .txt/.caption files.",
@@ -154,6 +154,16 @@ class TrainConfig(_Strict):
     )
     noise_offset: float = Field(0.0, ge=0, description="image: add offset noise (per channel) of this strength.")
     min_snr_gamma: float | None = Field(None, gt=0, description="image: Min-SNR loss weighting with this gamma (5 is usual).")
+    train_text_encoder: bool = Field(
+        False, description="image: also train LoRA on the text encoder(s) (q/k/v/out projections; both for SDXL)."
+    )
+    text_encoder_lr: float | None = Field(
+        None, gt=0, description="image: learning rate of the text-encoder LoRA (default: learning_rate)."
+    )
+    quantization: Literal["4bit"] | None = Field(
+        None, description="text: QLoRA, the frozen base loaded in 4-bit NF4 (bitsandbytes, CUDA only); the export "
+        "merges into the de-quantised base."
+    )
     seed: int = Field(42, ge=0, description="Seed for LoRA initialisation, data order, noise and timesteps.")
 
     # --- output, checkpoints, resume -----------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def test_export_loads_in_diffusers_and_matches_trained_unet(trained, tiny_sd, fm
     out = trained.cfg.output_dir
     path = out / "exported.safetensors" if fmt == "kohya" else out / "diffusers"
     x, t, ctx = unet_inputs()
-    unet = trained.accelerator.unwrap_model(trained.model).eval()
+    unet = trained.accelerator.unwrap_model(trained.model).unet.eval()
     with torch.no_grad():
         expected = unet(x, t, ctx).sample
 

@@ -68,7 +68,7 @@ def test_lora_params_are_the_only_trainable_ones(make_cfg):
     trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert not any(p.requires_grad for p in trainer.task.vae.parameters())
-    assert not any(p.requires_grad for p in trainer.task.text_encoder.parameters())
+    assert not any(p.requires_grad for p in trainer.task.text_encoders[0].parameters())
     assert all(p.dtype == torch.float32 for n, p in unet.named_parameters() if p.requires_grad)
 
 

@@ -60,7 +60,7 @@ def test_rslora_export_loads_in_diffusers_with_the_trained_scale(make_cfg, tiny_
     gen = torch.Generator().manual_seed(0)
     x, t, ctx = torch.randn(1, 4, 16, 16, generator=gen), torch.tensor([10]), torch.randn(1, 16, 32, generator=gen)
     with torch.no_grad():
-        expected = trainer.accelerator.unwrap_model(trainer.model).eval()(x, t, ctx).sample
+        expected = trainer.accelerator.unwrap_model(trainer.model).unet.eval()(x, t, ctx).sample
         pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
         pipe.load_lora_weights(str(kohya))
         assert (pipe.unet(x, t, ctx).sample - expected).abs().max() <= 1e-5

@@ -9,7 +9,7 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -124,6 +124,13 @@ def raise_for_errors(report) -> None:
         raise DataError(report.errors[0].message + suffix)
 
 
+class Crop(NamedTuple):
+    """Where a training image came from: SDXL conditions on the original size and the crop's top-left corner."""
+
+    original_hw: tuple[int, int]
+    top_left: tuple[int, int]
+
+
 def load_image_tensor(
     path: Path, resolution: int | tuple[int, int], rng: np.random.Generator, random_crop: bool = False,
     random_flip: bool = False,
@@ -133,6 +140,14 @@ def load_image_tensor(
     ``resolution`` is a square side or a (width, height) bucket. ``rng`` is a per-sample generator so augmentation
     is reproducible and independent of batch layout.
     """
+    return load_image(path, resolution, rng, random_crop, random_flip)[0]
+
+
+def load_image(
+    path: Path, resolution: int | tuple[int, int], rng: np.random.Generator, random_crop: bool = False,
+    random_flip: bool = False,
+) -> tuple[np.ndarray, Crop]:
+    """:func:`load_image_tensor` plus the :class:`Crop` it took."""
     target_w, target_h = (resolution, resolution) if isinstance(resolution, int) else resolution
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
@@ -158,7 +173,15 @@ def load_image_tensor(
         if random_flip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
+    return np.ascontiguousarray(array.transpose(2, 0, 1)), Crop((h, w), (top, left))
+
+
+def center_crop(width: int, height: int, resolution: int | tuple[int, int]) -> Crop:
+    """The :class:`Crop` that :func:`load_image` takes without ``random_crop``, from the image size alone."""
+    target_w, target_h = (resolution, resolution) if isinstance(resolution, int) else resolution
+    scale = max(target_w / width, target_h / height)
+    new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
+    return Crop((height, width), ((new_h - target_h) // 2, (new_w - target_w) // 2))
 
 
 def augment_caption(

@@ -119,6 +119,11 @@ class Task(ABC):
         Consecutive runs of ``global_batch`` entries form one batch across all processes."""
         return None
 
+    def param_groups(self, model: "torch.nn.Module") -> "list[dict[str, Any]] | None":
+        """Optimizer parameter groups with their own settings (e.g. a text-encoder learning rate), or None for one
+        group of every trainable parameter at ``learning_rate``."""
+        return None
+
     def validation_dataset(self) -> "Dataset | None":
         """Held-out samples (keyed like :meth:`dataset`) whose mean loss is logged as ``eval_loss``."""
         return None

@@ -15,24 +15,30 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..data.images import CaptionedImage, augment_caption, load_image_tensor
+from ..data.images import CaptionedImage, augment_caption, center_crop, load_image, load_image_tensor
 from ..errors import ConfigError
 from ..lora import effective_alpha, make_lora_config
 from .base import DataSummary, RunInfo, SampleKey, Task, require_hub_id
+from .sd_models import (SDXL_RESOLUTION, SD2, SDXL, TEXT_ENCODER_TARGETS, LoRANetwork, encode_prompt,
+                        family_from_configs, family_of_folder, time_ids)
 
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 
 class ImageCaptionDataset(Dataset):
-    """Captioned images as (pixels in [-1, 1], token ids, per-sample seed)."""
+    """Captioned images as (pixels in [-1, 1] or cached latents, token ids or cached embeddings, SDXL size
+    conditioning, per-sample seed)."""
 
-    def __init__(self, samples: list[CaptionedImage], tokenizer: Any, cfg: Any, buckets: list[tuple[int, int]] | None = None,
-                 caches: "ImageCaches | None" = None):
+    def __init__(self, samples: list[CaptionedImage], tokenizers: list[Any], cfg: Any, family: str,
+                 buckets: list[tuple[int, int]] | None = None, caches: "ImageCaches | None" = None,
+                 sizes: list[tuple[int, int]] | None = None):
         self.samples = samples
         self.buckets = buckets  # (width, height) per sample when bucketing
         self.caches = caches
-        self.tokenizer = tokenizer
+        self.sizes = sizes  # original (width, height) per sample
+        self.tokenizers = tokenizers
+        self.family = family
         self.resolution = cfg.resolution
         self.random_crop = cfg.random_crop
         self.random_flip = cfg.random_flip
@@ -52,16 +58,28 @@ class ImageCaptionDataset(Dataset):
         if caches is not None and caches.latent_keys:
             entry = caches.latents.get(caches.latent_keys[index])
             item["latent_mean"], item["latent_std"] = entry["mean"], entry["std"]
+            crop = center_crop(*self.sizes[index], size)
         else:
-            item["pixels"] = torch.from_numpy(
-                load_image_tensor(sample.path, size, rng, self.random_crop, self.random_flip)
-            )
+            pixels, crop = load_image(sample.path, size, rng, self.random_crop, self.random_flip)
+            item["pixels"] = torch.from_numpy(pixels)
+        if self.family == SDXL:
+            width, height = (size, size) if isinstance(size, int) else size
+            item["time_ids"] = time_ids(crop, (height, width))
         prompt = augment_caption(sample.prompt, rng, **self.caption_options)
         if caches is not None and caches.text is not None:
-            item["hidden"] = caches.text.get(caches.text_key(prompt))["hidden"]
+            entry = caches.text.get(caches.text_key(prompt))
+            item["hidden"] = entry["hidden"]
+            if "pooled" in entry:
+                item["pooled"] = entry["pooled"]
         else:
-            item["input_ids"] = tokenize_prompt(self.tokenizer, prompt)
+            for i, tokenizer in enumerate(self.tokenizers):
+                item[input_ids_key(i)] = tokenize_prompt(tokenizer, prompt)
         return item
+
+
+def input_ids_key(index: int) -> str:
+    """Batch key of the token ids for the ``index``-th tokenizer: input_ids, input_ids_2."""
+    return "input_ids" if index == 0 else f"input_ids_{index + 1}"
 
 
 def tokenize_prompt(tokenizer: Any, prompt: str) -> torch.Tensor:
@@ -121,25 +139,40 @@ def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> to
 
 
 class ImageTask(Task):
-    """LoRA on the UNet of a Stable Diffusion 1.x / 2.x model."""
+    """LoRA on the UNet (and optionally the text encoders) of a Stable Diffusion 1.x / 2.x / SDXL model."""
 
     name = "image"
+    family: str = "sd1"
 
     def check_base_model(self) -> None:
         from ..config import check_environment
 
-        check_environment(self.cfg)
-        if self.cfg.target_modules == "all-linear":
+        cfg = self.cfg
+        check_environment(cfg)
+        if cfg.target_modules == "all-linear":
             raise ConfigError("target_modules: all-linear is for the text task; list UNet module names instead")
-        if self.cfg.network_weights is not None:
+        if cfg.network_weights is not None:
             raise ConfigError("network_weights: continuing from an existing LoRA is supported for task: text only so far")
-        if self.cfg.cache_latents and (self.cfg.random_crop or self.cfg.random_flip):
+        if cfg.quantization is not None:
+            raise ConfigError("quantization: 4-bit QLoRA is for the text task; remove it for task: image")
+        if cfg.cache_latents and (cfg.random_crop or cfg.random_flip):
             raise ConfigError("cache_latents: cached latents cannot be re-cropped or flipped; turn off random_crop "
                               "and random_flip, or cache_latents")
-        if self.cfg.cache_text_embeddings and self.cfg.shuffle_tags:
+        if cfg.cache_text_embeddings and cfg.shuffle_tags:
             raise ConfigError("cache_text_embeddings: shuffled tags make a new caption every time; turn off "
                               "shuffle_tags or cache_text_embeddings")
-        check_diffusers_model_path(self.cfg.base_model)
+        if cfg.cache_text_embeddings and cfg.train_text_encoder:
+            raise ConfigError("cache_text_embeddings: a trained text encoder changes its embeddings every step; turn "
+                              "off cache_text_embeddings or train_text_encoder")
+        folder = check_diffusers_model_path(cfg.base_model)
+        if folder is not None:
+            self._set_family(family_of_folder(folder))
+
+    def _set_family(self, family: str) -> None:
+        """Record the model family; an unset ``resolution`` becomes the family's native size (1024 for SDXL)."""
+        self.family = family
+        if family == SDXL and "resolution" not in self.cfg.model_fields_set:
+            self.cfg.resolution = SDXL_RESOLUTION
 
     def data_report(self):
         """The full data check (no model loaded; the tokenizer only, when it is a local folder, to count tokens)."""
@@ -167,6 +200,7 @@ class ImageTask(Task):
                 print(f"warning: {finding.message}")
         self._samples = report.samples
         self._hashes = report.hashes
+        self._sizes = report.sizes
         self._caches: ImageCaches | None = None
         self._buckets = None
         if self.cfg.bucket:
@@ -182,39 +216,77 @@ class ImageTask(Task):
             + (f" in {len(set(self._buckets))} buckets" if self._buckets else ""),
         )
 
-    def load_model(self, device: torch.device, weight_dtype: torch.dtype) -> torch.nn.Module:
+    # --- model ---------------------------------------------------------------------------------------------------
+    def _load_components(self) -> dict[str, Any]:
+        """unet, vae, scheduler, text_encoders, tokenizers of the base model (weights loaded, on the CPU)."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         base = self.cfg.base_model
         try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
-            self.text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
-            self.vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
-            self.noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
             unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+            family = family_from_configs(dict(unet.config))
+            encoders = [("text_encoder", CLIPTextModel)]
+            if family == SDXL:
+                encoders.append(("text_encoder_2", CLIPTextModelWithProjection))
+            return dict(
+                family=family,
+                unet=unet,
+                vae=AutoencoderKL.from_pretrained(base, subfolder="vae"),
+                scheduler=DDPMScheduler.from_pretrained(base, subfolder="scheduler"),
+                text_encoders=[cls.from_pretrained(base, subfolder=name) for name, cls in encoders],
+                tokenizers=[CLIPTokenizer.from_pretrained(base, subfolder=name.replace("text_encoder", "tokenizer"))
+                            for name, _ in encoders],
+            )
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"base_model: could not load '{base}': {first}") from None
 
-        for module in (self.text_encoder, self.vae, unet):
+    def _attach_lora(self, unet: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> LoRANetwork:
+        """Add the LoRA adapters and gather the trained modules into one :class:`LoRANetwork`."""
+        cfg = self.cfg
+        unet.add_adapter(make_lora_config(cfg, cfg.target_modules or DEFAULT_TARGET_MODULES))
+        trained = []
+        if cfg.train_text_encoder:
+            for encoder in text_encoders:
+                encoder.add_adapter(make_lora_config(cfg, TEXT_ENCODER_TARGETS))
+                trained.append(encoder)
+        return LoRANetwork(unet, trained, self.family)
+
+    def load_model(self, device: torch.device, weight_dtype: torch.dtype) -> torch.nn.Module:
+        parts = self._load_components()
+        self._set_family(parts["family"])
+        self.vae, self.noise_scheduler = parts["vae"], parts["scheduler"]
+        self.text_encoders, self.tokenizers = parts["text_encoders"], parts["tokenizers"]
+        unet = parts["unet"]
+        for module in (*self.text_encoders, self.vae, unet):
             module.requires_grad_(False)
             module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
-        self.text_encoder.eval()
-        self.vae.eval()
+            module.eval()
         self.device = device
 
-        unet.add_adapter(make_lora_config(self.cfg, self.cfg.target_modules or DEFAULT_TARGET_MODULES))
+        network = self._attach_lora(unet, self.text_encoders)
         # Trainable LoRA tensors stay in fp32 even when the frozen base runs in half precision.
-        for param in unet.parameters():
+        for param in network.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
         if not any(p.requires_grad for p in unet.parameters()):
             raise ConfigError(f"target_modules: {self.cfg.target_modules} matched no UNet layer")
-        self.unet = unet
+        if self.cfg.train_text_encoder:
+            for encoder in self.text_encoders:
+                encoder.train()  # dropout in the LoRA branch (CLIP's own dropout is 0)
+        self.network = network
         if self.cfg.cache_latents or self.cfg.cache_text_embeddings:
             self._caches = self._build_caches()
-        return unet
+        return network
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        """UNet LoRA at learning_rate; text-encoder LoRA at text_encoder_lr."""
+        groups = [{"params": [p for p in model.unet.parameters() if p.requires_grad]}]
+        te_params = [p for p in model.text_encoders.parameters() if p.requires_grad]
+        if te_params:
+            groups.append({"params": te_params, "lr": self.cfg.text_encoder_lr or self.cfg.learning_rate})
+        return groups
 
     def _build_caches(self) -> ImageCaches:
         """Fill the caches for every sample (only missing entries are computed); each process fills what it lacks
@@ -240,38 +312,50 @@ class ImageTask(Task):
                 caches.latents.put(caches.latent_keys[i], {"mean": dist.mean[0], "std": dist.std[0]})
         if cfg.cache_text_embeddings:
             caches.text = TensorCache(root / "text")
-            caches.text_fingerprint = module_fingerprint(self.text_encoder) + str(self.tokenizer.model_max_length)
+            caches.text_fingerprint = "".join(module_fingerprint(e) for e in self.text_encoders) + "".join(
+                str(t.model_max_length) for t in self.tokenizers)
             prompts = {augment_caption(s.prompt, np.random.default_rng(0), trigger_word=cfg.trigger_word)
                        for s in self._samples}
             if cfg.caption_dropout > 0:
                 prompts.add("")
             todo = sorted(p for p in prompts if not caches.text.has(caches.text_key(p)))
             for prompt in tqdm(todo, desc="cache text embeddings", unit="caption", disable=not show or not todo):
+                ids = [tokenize_prompt(t, prompt)[None].to(device) for t in self.tokenizers]
                 with torch.no_grad():
-                    hidden = self.text_encoder(tokenize_prompt(self.tokenizer, prompt)[None].to(device))[0][0]
-                caches.text.put(caches.text_key(prompt), {"hidden": hidden})
+                    hidden, pooled = encode_prompt(self.text_encoders, ids, self.family)
+                entry = {"hidden": hidden[0]}
+                if pooled is not None:
+                    entry["pooled"] = pooled[0]
+                caches.text.put(caches.text_key(prompt), entry)
         return caches
 
     def memory_probe(self) -> tuple[list[torch.nn.Module], torch.nn.Module, Any]:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
         cfg, base = self.cfg, self.cfg.base_model
         try:
+            unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
+            family = family_from_configs(dict(unet_config))
+            names = ["text_encoder", "text_encoder_2"] if family == SDXL else ["text_encoder"]
+            te_configs = [CLIPTextConfig.from_pretrained(base, subfolder=name) for name in names]
             with torch.device("meta"):
-                unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base, subfolder="unet"))
+                unet = UNet2DConditionModel.from_config(unet_config)
                 vae = AutoencoderKL.from_config(AutoencoderKL.load_config(base, subfolder="vae"))
-                text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(base, subfolder="text_encoder"))
+                text_encoders = [CLIPTextModel(te_configs[0])]
+                if family == SDXL:
+                    text_encoders.append(CLIPTextModelWithProjection(te_configs[1]))
             self.noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
         except (OSError, ValueError) as exc:
             raise ConfigError(f"base_model: could not read the configs of '{base}': {str(exc).splitlines()[0]}") from None
-        for module in (unet, vae, text_encoder):
+        self._set_family(family)
+        for module in (unet, vae, *text_encoders):
             module.requires_grad_(False)
-        unet.add_adapter(make_lora_config(cfg, cfg.target_modules or DEFAULT_TARGET_MODULES))
+        network = self._attach_lora(unet, text_encoders)
         if cfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        self.unet, self.vae, self.text_encoder, self.device = unet, vae, text_encoder, torch.device("cpu")
-        tokens = text_encoder.config.max_position_embeddings
+            self.enable_gradient_checkpointing(network)
+        self.vae, self.text_encoders, self.device, self.network = vae, text_encoders, torch.device("cpu"), network
+        tokens = te_configs[0].max_position_embeddings
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         side = cfg.resolution  # buckets keep the area of resolution², which is what memory follows
 
@@ -283,18 +367,26 @@ class ImageTask(Task):
             else:
                 batch["pixels"] = torch.zeros(batch_size, 3, side, side)
             if cfg.cache_text_embeddings:
-                batch["hidden"] = torch.zeros(batch_size, tokens, text_encoder.config.hidden_size)
+                batch["hidden"] = torch.zeros(batch_size, tokens, sum(c.hidden_size for c in te_configs))
+                if family == SDXL:
+                    batch["pooled"] = torch.zeros(batch_size, te_configs[-1].projection_dim)
             else:
-                batch["input_ids"] = torch.zeros(batch_size, tokens, dtype=torch.long)
+                for i in range(len(te_configs)):
+                    batch[input_ids_key(i)] = torch.zeros(batch_size, tokens, dtype=torch.long)
+            if family == SDXL:
+                batch["time_ids"] = torch.full((batch_size, 6), float(side))
             return batch
 
-        return [unet, vae, text_encoder], unet, make_batch
+        return [unet, vae, *text_encoders], network, make_batch
 
     def enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
-        model.enable_gradient_checkpointing()
+        model.unet.enable_gradient_checkpointing()
+        for encoder in model.text_encoders:
+            encoder.gradient_checkpointing_enable()
 
     def dataset(self, summary: DataSummary) -> Dataset:
-        return ImageCaptionDataset(self._samples, self.tokenizer, self.cfg, self._buckets, self._caches)
+        return ImageCaptionDataset(self._samples, self.tokenizers, self.cfg, self.family, self._buckets, self._caches,
+                                   self._sizes)
 
     def epoch_order(self, epoch: int, seed: int, global_batch: int) -> np.ndarray | None:
         if self._buckets is None:
@@ -314,6 +406,9 @@ class ImageTask(Task):
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         device, vae = self.device, self.vae
         generators = [torch.Generator().manual_seed(int(seed)) for seed in batch["seeds"]]
+        input_ids = [batch[input_ids_key(i)].to(device) for i in range(len(self.text_encoders))
+                     if input_ids_key(i) in batch]
+        conditioning: dict[str, Any] = {}
         with torch.no_grad():
             if "latent_mean" in batch:  # from the latent cache
                 mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
@@ -326,9 +421,14 @@ class ImageTask(Task):
             shift = getattr(vae.config, "shift_factor", None) or 0.0
             latents = ((latents - shift) * vae.config.scaling_factor).float()
             if "hidden" in batch:  # from the text-embedding cache
-                hidden = batch["hidden"].to(device, self.text_encoder.dtype)
-            else:
-                hidden = self.text_encoder(batch["input_ids"].to(device))[0]
+                conditioning["hidden"] = batch["hidden"].to(device)
+                conditioning["pooled"] = batch["pooled"].to(device) if "pooled" in batch else None
+            elif not self.cfg.train_text_encoder:
+                conditioning["hidden"], conditioning["pooled"] = encode_prompt(self.text_encoders, input_ids, self.family)
+        if self.cfg.train_text_encoder:  # encoded inside the network, with gradients
+            conditioning["input_ids"] = input_ids
+        if "time_ids" in batch:
+            conditioning["time_ids"] = batch["time_ids"].to(device)
 
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
@@ -344,54 +444,84 @@ class ImageTask(Task):
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             raise ConfigError(f"base_model: scheduler prediction_type '{prediction_type}' is not supported")
-        pred = model(noisy.to(self.unet.dtype), timesteps, hidden).sample
+        pred = model(noisy, timesteps, **conditioning)
         per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.cfg.min_snr_gamma:
             per_sample = per_sample * min_snr_weights(self.noise_scheduler, timesteps, self.cfg.min_snr_gamma)
         return per_sample.sum()
 
-    def generate_samples(self, model: torch.nn.Module) -> list[tuple[str, Any]]:
-        """Render the sample prompts with the frozen components and the LoRA-carrying UNet (nothing reloaded)."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+    def _pipeline(self, model: torch.nn.Module):
+        """An inference pipeline over the frozen components and the LoRA-carrying modules (nothing reloaded)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        pipe = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=model,
-            scheduler=DDIMScheduler.from_config(self.noise_scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
+        scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)
+        if self.family == SDXL:
+            return StableDiffusionXLPipeline(
+                vae=self.vae, text_encoder=self.text_encoders[0], text_encoder_2=self.text_encoders[1],
+                tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1], unet=model.unet, scheduler=scheduler,
+            )
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0], unet=model.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
+
+    def generate_samples(self, model: torch.nn.Module) -> list[tuple[str, Any]]:
+        """Render the sample prompts with the frozen components and the LoRA-carrying modules."""
+        pipe = self._pipeline(model)
         pipe.set_progress_bar_config(disable=True)
+        trained = [e for e in self.text_encoders if e.training]
+        for encoder in trained:
+            encoder.eval()
         out = []
-        for sample in self.cfg.sample_prompts:
-            generator = torch.Generator(device=self.device).manual_seed(sample.seed)
-            image = pipe(
-                sample.prompt, negative_prompt=sample.negative_prompt or None, width=sample.width or self.cfg.resolution,
-                height=sample.height or self.cfg.resolution, num_inference_steps=sample.steps,
-                guidance_scale=sample.guidance_scale, generator=generator,
-            ).images[0]
-            out.append((f"{sample.prompt} (seed {sample.seed})", image))
+        try:
+            for sample in self.cfg.sample_prompts:
+                generator = torch.Generator(device=self.device).manual_seed(sample.seed)
+                image = pipe(
+                    sample.prompt, negative_prompt=sample.negative_prompt or None,
+                    width=sample.width or self.cfg.resolution, height=sample.height or self.cfg.resolution,
+                    num_inference_steps=sample.steps, guidance_scale=sample.guidance_scale, generator=generator,
+                ).images[0]
+                out.append((f"{sample.prompt} (seed {sample.seed})", image))
+        finally:
+            for encoder in trained:
+                encoder.train()
         return out
 
     # --- export --------------------------------------------------------------------------------------------------
     def base_model_version(self) -> str:
-        """kohya's ``ss_base_model_version``: sd_v1, sd_v2 or sd_v2_v (v-prediction)."""
-        v2 = self.text_encoder.config.hidden_size == 1024 or self.unet.config.cross_attention_dim == 1024
-        version = "sd_v2" if v2 else "sd_v1"
+        """kohya's ``ss_base_model_version``: sd_v1, sd_v2, sd_v2_v (v-prediction) or sdxl_base_v1-0."""
+        if self.family == SDXL:
+            return "sdxl_base_v1-0"
+        version = "sd_v2" if self.family == SD2 else "sd_v1"
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             version += "_v"
         return version
 
-    def export(self, model: torch.nn.Module, output_dir: Path, run: RunInfo) -> list[Path]:
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
+    def lora_parts(self, model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+        """PEFT state dicts of the trained modules: ``unet``, and ``text_encoder`` / ``text_encoder_2``."""
         from peft.utils import get_peft_model_state_dict
+
+        def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+            return {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(module).items()}
+
+        parts = {"unet": state(model.unet)}
+        for i, encoder in enumerate(model.text_encoders):
+            parts["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = state(encoder)
+        return parts
+
+    def export(self, model: torch.nn.Module, output_dir: Path, run: RunInfo) -> list[Path]:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
 
         from ..export.kohya import kohya_metadata, peft_to_kohya, write_kohya_lora
 
         cfg = self.cfg
-        state = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(model).items()}
+        alpha = effective_alpha(cfg)
+        parts = self.lora_parts(model)
+        te_lr = (cfg.text_encoder_lr or cfg.learning_rate) if cfg.train_text_encoder else 0
         meta = kohya_metadata(
             network_dim=cfg.lora_rank,
-            network_alpha=effective_alpha(cfg),
+            network_alpha=alpha,
             base_model_version=self.base_model_version(),
             base_model=cfg.base_model,
             output_name=cfg.output_name,
@@ -404,7 +534,8 @@ class ImageTask(Task):
                 "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
                 "ss_learning_rate": str(cfg.learning_rate),
                 "ss_unet_lr": str(cfg.learning_rate),
-                "ss_text_encoder_lr": "0",
+                "ss_text_encoder_lr": str(te_lr),
+                "ss_network_train_unet_only": str(not cfg.train_text_encoder),
                 "ss_network_dropout": str(cfg.lora_dropout),
                 "ss_lr_scheduler": cfg.lr_scheduler,
                 "ss_lr_warmup_steps": str(cfg.lr_warmup_steps),
@@ -419,17 +550,24 @@ class ImageTask(Task):
                 **run.provenance(),
             },
         )
-        kohya_path = write_kohya_lora(output_dir / f"{cfg.output_name}.safetensors", peft_to_kohya(state, "lora_unet", effective_alpha(cfg)), meta)
+        prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1" if self.family == SDXL else "lora_te",
+                    "text_encoder_2": "lora_te2"}
+        tensors: dict[str, torch.Tensor] = {}
+        for name, state in parts.items():
+            tensors.update(peft_to_kohya(state, prefixes[name], alpha))
+        kohya_path = write_kohya_lora(output_dir / f"{cfg.output_name}.safetensors", tensors, meta)
 
         diffusers_dir = output_dir / "diffusers"
-        StableDiffusionPipeline.save_lora_weights(
-            diffusers_dir,
-            unet_lora_layers=convert_state_dict_to_diffusers(state),
-            unet_lora_adapter_metadata={
-                "r": cfg.lora_rank,
-                "lora_alpha": effective_alpha(cfg),
-                "target_modules": sorted(set(cfg.target_modules or DEFAULT_TARGET_MODULES)),
-                "lora_dropout": cfg.lora_dropout,
-            },
-        )
+        adapter_meta = {"r": cfg.lora_rank, "lora_alpha": alpha, "lora_dropout": cfg.lora_dropout}
+        layers: dict[str, Any] = {
+            "unet_lora_layers": convert_state_dict_to_diffusers(parts["unet"]),
+            "unet_lora_adapter_metadata": {
+                **adapter_meta, "target_modules": sorted(set(cfg.target_modules or DEFAULT_TARGET_MODULES))},
+        }
+        for name in ("text_encoder", "text_encoder_2"):
+            if name in parts:
+                layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(parts[name])
+                layers[f"{name}_lora_adapter_metadata"] = {**adapter_meta, "target_modules": TEXT_ENCODER_TARGETS}
+        pipeline_cls = StableDiffusionXLPipeline if self.family == SDXL else StableDiffusionPipeline
+        pipeline_cls.save_lora_weights(diffusers_dir, **layers)
         return [kohya_path, diffusers_dir / "pytorch_lora_weights.safetensors"]

@@ -172,7 +172,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.task.enable_gradient_checkpointing(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(cfg, self.params)
+        optimizer = make_optimizer(cfg, self.task.param_groups(model) or self.params)
         self.plan = BatchPlan(
             num_samples=self.data.num_samples,
             batch_size=cfg.batch_size,

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..config import TrainConfig
 from ..errors import ConfigError
 
 
-def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg.optimizer`` over ``params``; a one-line ConfigError when it cannot run here."""
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter] | list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.optimizer`` over ``params`` (tensors, or parameter groups with their own
+    ``lr``); a one-line ConfigError when it cannot run here."""
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer == "adamw":
-        on_gpu = all(p.is_cuda for p in params)
+        tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+        on_gpu = all(t.is_cuda for t in tensors)
         # fused AdamW is one kernel per step on CUDA; foreach (the CPU default) batches the per-tensor loops
         return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
                                  weight_decay=cfg.weight_decay, fused=True if on_gpu else None)

@@ -1,0 +1,80 @@
+"""What differs between the Stable Diffusion families the image task trains.
+
+SD 1.x / 2.x: one CLIP text encoder whose last hidden state conditions the UNet.
+SDXL: two text encoders; the UNet sees their penultimate hidden states side by side, plus "added conditions": the
+second encoder's pooled (projected) embedding and six size numbers (original size, crop corner, target size).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..data.images import Crop
+
+SD1, SD2, SDXL = "sd1", "sd2", "sdxl"
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention, as diffusers' scripts train
+SDXL_RESOLUTION = 1024  # the default resolution for SDXL (512 for the others, the config default)
+
+
+def family_from_configs(unet_config: dict[str, Any], text_hidden_size: int | None = None) -> str:
+    """sd1, sd2 or sdxl from the UNet config (SDXL has ``text_time`` added conditioning; SD2 has 1024-wide
+    cross-attention)."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return SDXL
+    if unet_config.get("cross_attention_dim") == 1024 or text_hidden_size == 1024:
+        return SD2
+    return SD1
+
+
+def family_of_folder(folder: Path) -> str:
+    """The family of a local diffusers folder, from its config files only."""
+    unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    te_config = folder / "text_encoder" / "config.json"
+    hidden = json.loads(te_config.read_text(encoding="utf-8")).get("hidden_size") if te_config.is_file() else None
+    return family_from_configs(unet, hidden)
+
+
+def time_ids(crop: Crop, target_hw: tuple[int, int]) -> torch.Tensor:
+    """SDXL's size conditioning: (original h, w, crop top, left, target h, w)."""
+    return torch.tensor([*crop.original_hw, *crop.top_left, *target_hw], dtype=torch.float32)
+
+
+def encode_prompt(text_encoders: Sequence[torch.nn.Module], input_ids: Sequence[torch.Tensor], family: str
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states for cross-attention, pooled embedding or None) the way each family's pipeline encodes."""
+    if family != SDXL:
+        return text_encoders[0](input_ids[0])[0], None
+    hidden = []
+    pooled = None
+    for encoder, ids in zip(text_encoders, input_ids):
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder's projected pooled output (``text_embeds``)
+    return torch.cat(hidden, dim=-1), pooled
+
+
+class LoRANetwork(torch.nn.Module):
+    """Every module that carries trainable LoRA, as one module: the UNet and, with ``train_text_encoder``, the text
+    encoders. The loop wraps this one module for DDP, so text-encoder gradients are synchronised too; the prompt is
+    encoded inside ``forward`` when the text encoders train."""
+
+    def __init__(self, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module], family: str) -> None:
+        super().__init__()
+        self.unet = unet
+        self.text_encoders = torch.nn.ModuleList(text_encoders)
+        self.family = family
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, *, input_ids: Sequence[torch.Tensor] | None = None,
+                hidden: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if input_ids is not None:
+            hidden, pooled = encode_prompt(list(self.text_encoders), input_ids, self.family)
+        dtype = self.unet.dtype
+        added = None
+        if self.family == SDXL:
+            added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
+        return self.unet(noisy.to(dtype), timesteps, hidden.to(dtype), added_cond_kwargs=added).sample
