@@ -20,6 +20,13 @@ def tiny_sd(tmp_path_factory) -> Path:
     return make_tiny_sd_model(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from lora_scripts.testing import make_tiny_sdxl_model
+
+    return make_tiny_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
 @pytest.fixture()
 def image_data(tmp_path) -> Path:
     from lora_scripts.testing import make_captioned_images

@@ -17,7 +17,8 @@ def test_accumulation_equals_large_batch(write_config, tmp_path):
 
 
 def test_torchrun_two_processes_equals_one(write_config, tmp_path):
-    steps = dict(max_train_steps=3, save_steps=2, lr_scheduler="linear")
+    # text-encoder LoRA on too: its gradients must be synchronised like the UNet's
+    steps = dict(max_train_steps=3, save_steps=2, lr_scheduler="linear", train_text_encoder=True, text_encoder_lr=5e-3)
     train(load_config(write_config("one.yaml", output="one", batch_size=4, **steps)), show_progress=False)
     config = write_config("two.yaml", output="two", batch_size=2, **steps)
     proc = run_torchrun(config)

@@ -554,6 +554,8 @@ class ImageTask(Task):
                     "text_encoder_2": "lora_te2"}
         tensors: dict[str, torch.Tensor] = {}
         for name, state in parts.items():
+            if name != "unet":  # kohya names CLIP modules as in transformers < 5, under ``text_model.``
+                state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
             tensors.update(peft_to_kohya(state, prefixes[name], alpha))
         kohya_path = write_kohya_lora(output_dir / f"{cfg.output_name}.safetensors", tensors, meta)
 

@@ -69,6 +69,27 @@ def _load_error(what: str, value: str, exc: Exception) -> ConfigError:
     return ConfigError(f"{what}: could not load '{value}': {first}")
 
 
+def check_qlora_environment() -> None:
+    """QLoRA needs a CUDA GPU and bitsandbytes: refuse in one line before anything is loaded."""
+    if not torch.cuda.is_available():
+        raise ConfigError("quantization: 4bit (QLoRA) needs a CUDA GPU (bitsandbytes); remove quantization to train "
+                          "in full precision on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("quantization: 4bit needs bitsandbytes (pip install bitsandbytes)") from None
+
+
+def qlora_config(compute_dtype: torch.dtype):
+    """The QLoRA paper's settings: NF4 weights, double quantisation, compute in the run's precision (bf16 default)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if compute_dtype == torch.float32 else compute_dtype,
+    )
+
+
 class TextTask(Task):
     """LoRA on a causal language model."""
 
@@ -79,6 +100,8 @@ class TextTask(Task):
         from ..config import check_environment
 
         check_environment(self.cfg)
+        if self.cfg.quantization is not None:
+            check_qlora_environment()
         _hub_or_folder(self.cfg.base_model, "base_model", "config.json")
         if self.cfg.network_weights is not None and not (Path(self.cfg.network_weights) / "adapter_config.json").is_file():
             raise ConfigError(f"network_weights: '{self.cfg.network_weights}' is not a PEFT adapter folder "
@@ -128,15 +151,23 @@ class TextTask(Task):
         from transformers import AutoModelForCausalLM
 
         cfg = self.cfg
+        quantized = cfg.quantization == "4bit"
         try:
             # eager attention adds our additive 4-D block-diagonal mask as is (packing); sdpa is faster otherwise
             model = AutoModelForCausalLM.from_pretrained(
-                cfg.base_model, dtype=weight_dtype, attn_implementation="eager" if cfg.packing else None
+                cfg.base_model, dtype=weight_dtype, attn_implementation="eager" if cfg.packing else None,
+                **({"quantization_config": qlora_config(weight_dtype), "device_map": {"": device}} if quantized else {}),
             )
         except (OSError, ValueError) as exc:
             raise _load_error("base_model", cfg.base_model, exc) from None
         model.requires_grad_(False)
-        model.to(device)
+        if quantized:
+            from peft import prepare_model_for_kbit_training
+
+            # casts norms to fp32 and makes inputs require grad, as QLoRA needs (and gradient checkpointing, if set)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        else:
+            model.to(device)
         self.device = device
         if cfg.network_weights is not None:
             model = PeftModel.from_pretrained(model, str(cfg.network_weights), is_trainable=True)
