@@ -178,3 +178,91 @@ def unet_state_dict_to_ldm(state_dict: Mapping[str, Any], unet_config: Mapping[s
                            prefix: str = LDM_UNET_PREFIX) -> dict[str, Any]:
     """A diffusers UNet state dict renamed to the LDM layout (keys under ``prefix``); tensors are not copied."""
     return {prefix + unet_module_to_ldm(key, unet_config): value for key, value in state_dict.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VAE and text encoders: diffusers -> LDM state dicts (again the reverse of diffusers' single_file_utils converters)
+
+LDM_VAE_PREFIX = "first_stage_model."
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def vae_state_dict_to_ldm(state_dict: Mapping[str, Any], vae_config: Mapping[str, Any],
+                          prefix: str = LDM_VAE_PREFIX) -> dict[str, Any]:
+    """A diffusers ``AutoencoderKL`` state dict in the LDM layout (``first_stage_model.encoder.down.0.block.0...``).
+
+    LDM's mid-block attention uses 1x1 convolutions, so its q/k/v/proj_out weights get two trailing unit dims.
+    """
+    up_blocks = len(vae_config["up_block_types"])
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[1:2] == ["conv_norm_out"]:
+            parts[1] = "norm_out"
+        elif len(parts) > 3 and parts[1] in ("down_blocks", "up_blocks"):
+            side, block = parts[1], int(parts[2])
+            level = block if side == "down_blocks" else up_blocks - 1 - block  # LDM numbers decoder levels bottom-up
+            head = ["down" if side == "down_blocks" else "up", str(level)]
+            if parts[3] == "resnets":
+                rest = parts[5:]
+                if rest[:1] == ["conv_shortcut"]:
+                    rest = ["nin_shortcut", *rest[1:]]
+                parts = [parts[0], *head, "block", parts[4], *rest]
+            else:  # downsamplers.0.conv / upsamplers.0.conv
+                parts = [parts[0], *head, "downsample" if side == "down_blocks" else "upsample", *parts[5:]]
+        elif len(parts) > 3 and parts[1] == "mid_block":
+            if parts[2] == "resnets":
+                parts = [parts[0], "mid", f"block_{int(parts[3]) + 1}", *parts[4:]]
+            else:
+                inner = ".".join(parts[4:-1])
+                parts = [parts[0], "mid", "attn_1", _VAE_ATTENTION.get(inner, inner), parts[-1]]
+                if value.ndim == 2:
+                    value = value[:, :, None, None]
+        out[prefix + ".".join(parts)] = value
+    return out
+
+
+def clip_state_dict_to_ldm(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """An OpenAI-layout CLIP text encoder (SD 1.x ``cond_stage_model.transformer.``, SDXL
+    ``conditioner.embedders.0.transformer.``): transformers' names under ``prefix``, always with ``text_model.``
+    (transformers >= 5.6 dropped that level from ``CLIPTextModel``)."""
+    return {prefix + (key if key.startswith("text_model.") else "text_model." + key): value
+            for key, value in state_dict.items() if not key.endswith("position_ids")}
+
+
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                  "embeddings.position_embedding.weight": "positional_embedding",
+                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+
+
+def open_clip_state_dict_to_ldm(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """An OpenCLIP-layout text encoder (SD 2.x ``cond_stage_model.model.``, SDXL ``conditioner.embedders.1.model.``):
+    q/k/v fused into ``attn.in_proj_weight``/``in_proj_bias``, and ``text_projection`` stored as a matrix applied on
+    the right (the transpose of transformers' linear weight)."""
+    import torch
+
+    out: dict[str, Any] = {}
+    fused: dict[str, dict[str, Any]] = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("text_model.")
+        if key.endswith("position_ids"):
+            continue
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+        elif key in _OPEN_CLIP_TOP:
+            out[prefix + _OPEN_CLIP_TOP[key]] = value
+        elif key.startswith("encoder.layers."):
+            _, _, layer, rest = key.split(".", 3)
+            module, _, kind = rest.rpartition(".")
+            base = f"{prefix}transformer.resblocks.{layer}."
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                fused.setdefault(f"{base}attn.in_proj_{kind}", {})[module[-6]] = value
+            else:
+                out[base + _OPEN_CLIP_LAYER.get(module, module) + "." + kind] = value
+        else:
+            raise ValueError(f"text encoder key '{key}' has no OpenCLIP counterpart")
+    for key, qkv in fused.items():
+        out[key] = torch.cat([qkv["q"], qkv["k"], qkv["v"]], dim=0)
+    return out

@@ -1,0 +1,296 @@
+"""A1111-style single-file checkpoints (``.safetensors`` / ``.ckpt``: SD 1.x, SD 2.x, SDXL) as ``base_model``.
+
+- :func:`detect_family` tells SD 1.x / 2.x / SDXL from the weights' names (a safetensors header, or a ``.ckpt`` opened
+  with ``weights_only=True`` and memory-mapped), without reading tensors.
+- :func:`check_single_file` is the cheap check for ``lora-scripts check``: the file, its family and that the config
+  (``base_model_config``) describes the same architecture.
+- :func:`load_single_file` loads the pipeline components through diffusers' own single-file loader
+  (``StableDiffusionPipeline.from_single_file`` / ``StableDiffusionXLPipeline.from_single_file``).
+
+Configs never come from the hub: ``base_model_config`` is a local diffusers config folder (``model_index.json`` and
+component configs, as ``save_pretrained`` writes) or an original LDM/SGM YAML; without it, the configs shipped in
+``configs/sd15``, ``configs/sd2`` (2.x at 768 px, v-prediction) and ``configs/sdxl`` are used. The shipped tokenizers
+share one CLIP BPE vocabulary (``configs/clip_bpe``) and differ only in ``tokenizer_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import ConfigError
+
+Family = Literal["sd1", "sd2", "sdxl"]
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+SHIPPED_CONFIGS: dict[str, Path] = {"sd1": CONFIGS / "sd15", "sd2": CONFIGS / "sd2", "sdxl": CONFIGS / "sdxl"}
+CLIP_BPE = CONFIGS / "clip_bpe"
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+COMPONENTS = {"sd1": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+              "sd2": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+              "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")}
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+UNET = "model.diffusion_model."
+
+
+def read_weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor name in a checkpoint with its shape, without reading the tensors (a ``.ckpt`` is memory-mapped,
+    falling back to a plain weights-only load for the legacy non-zip format). Raises ConfigError if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"base_model: checkpoint '{path}' not found; check the path")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except Exception as exc:  # safetensors raises its own SafetensorError (not an OSError) for a bad header
+            raise ConfigError(f"base_model: '{path}' is not a readable safetensors file ({_first_line(exc)}); "
+                              "re-download or re-export it") from None
+    if path.suffix not in TORCH_SUFFIXES:
+        raise ConfigError(f"base_model: '{path}' is neither .safetensors nor .ckpt; pass a single-file checkpoint "
+                          "or a diffusers folder")
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ConfigError(f"base_model: '{path}' cannot be read as a weights-only torch checkpoint "
+                          f"({_first_line(exc)}); re-export it as .safetensors") from None
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"base_model: '{path}' holds a {type(data).__name__}, not a state dict of weights")
+    return {key: tuple(value.shape) for key, value in data.items() if isinstance(key, str) and hasattr(value, "shape")}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def family_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path | str = "checkpoint") -> Family:
+    """SD 1.x / 2.x / SDXL from an LDM state dict's names: the text encoders' layout tells them apart
+    (OpenAI CLIP under ``cond_stage_model.transformer``, OpenCLIP under ``cond_stage_model.model``, SDXL's two
+    under ``conditioner.embedders``)."""
+    keys = shapes.keys()
+    if not any(key.startswith(UNET) for key in keys):
+        if any(key.startswith(("lora_unet_", "lora_te", "unet.", "transformer.")) and "lora" in key for key in keys):
+            raise ConfigError(f"base_model: '{path}' is a LoRA, not a base model; put the model it was trained on "
+                              "in base_model")
+        raise ConfigError(f"base_model: '{path}' has no UNet weights (model.diffusion_model.*); it is not an "
+                          "SD 1.x/2.x/SDXL checkpoint (a VAE or another model?)")
+    if any(key.startswith("conditioner.embedders.") for key in keys):
+        if any(key.startswith("conditioner.embedders.0.transformer.") for key in keys) and \
+                any(key.startswith("conditioner.embedders.1.model.") for key in keys):
+            return "sdxl"
+        raise ConfigError(f"base_model: '{path}' is an SGM checkpoint but not SDXL base (an SDXL refiner?); only "
+                          "SD 1.x, SD 2.x and SDXL base checkpoints are supported")
+    if any(key.startswith("cond_stage_model.model.") for key in keys):
+        return "sd2"
+    if any(key.startswith("cond_stage_model.transformer.") for key in keys):
+        return "sd1"
+    raise ConfigError(f"base_model: '{path}' has UNet weights but no text encoder this loader knows "
+                      "(cond_stage_model.* for SD 1.x/2.x, conditioner.embedders.* for SDXL); use a full checkpoint")
+
+
+def detect_family(path: Path | str) -> Family:
+    """``"sd1"``, ``"sd2"`` or ``"sdxl"`` for a single-file checkpoint, from its tensor names only.
+    Raises ConfigError (one line: the file and what to do) for a missing, unreadable or unrecognised file."""
+    return family_from_shapes(read_weight_shapes(Path(path)), path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configs
+
+
+def _is_yaml(config: Path) -> bool:
+    return config.suffix.lower() in (".yaml", ".yml")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"base_model_config: cannot read '{path}' ({_first_line(exc)}); fix or replace it") from None
+
+
+def _first_shape(shapes: dict[str, tuple[int, ...]], suffix: str) -> tuple[int, ...] | None:
+    return next((shape for key, shape in shapes.items() if key.startswith(UNET) and key.endswith(suffix)), None)
+
+
+def _check_folder(folder: Path, family: Family, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """A diffusers config folder: complete for the family, and its UNet describes these weights."""
+    from .ldm import _cached_layout
+
+    name = FAMILY_NAMES[family]
+    fix = (f"point base_model_config at a {name} config folder, or leave it out to use the shipped {name} "
+           "configs")
+    if not (folder / "model_index.json").is_file():
+        raise ConfigError(f"base_model_config: '{folder}' has no model_index.json; pass a diffusers config folder "
+                          "(as save_pretrained writes it) or an original .yaml")
+    index = _read_json(folder / "model_index.json")
+    if index.get("_class_name") != PIPELINE_CLASSES[family]:
+        raise ConfigError(f"base_model_config: '{folder}' is a {index.get('_class_name')} config but '{path}' holds "
+                          f"{name} weights; {fix}")
+    required = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                "text_encoder_2": "config.json", "scheduler": "scheduler_config.json",
+                "tokenizer": "tokenizer_config.json", "tokenizer_2": "tokenizer_config.json"}
+    missing = [f"{part}/{file}" for part, file in required.items()
+               if part in COMPONENTS[family] and not (folder / part / file).is_file()
+               and not (part.startswith("tokenizer") and (folder / part / "vocab.json").is_file())]
+    if missing:
+        raise ConfigError(f"base_model_config: '{folder}' lacks {', '.join(missing)}; copy the config folder "
+                          "complete (model_index.json and each component's config)")
+    unet = _read_json(folder / "unet" / "config.json")
+    context = _first_shape(shapes, "attn2.to_k.weight")
+    conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
+    has_label = UNET + "label_emb.0.0.weight" in shapes
+    problems = []
+    if context is not None and unet.get("cross_attention_dim") != context[-1]:
+        problems.append(f"cross_attention_dim {unet.get('cross_attention_dim')} vs {context[-1]} in the weights")
+    if conv_in is not None and unet.get("in_channels") != conv_in[1]:
+        problems.append(f"in_channels {unet.get('in_channels')} vs {conv_in[1]} in the weights")
+    if has_label != (unet.get("addition_embed_type") == "text_time"):
+        problems.append("addition_embed_type " + str(unet.get("addition_embed_type")))
+    try:
+        _, ldm_blocks = _cached_layout(unet)
+        expected = {".".join(key.split(".")[:3]) for key in ldm_blocks if key.startswith(("input_", "output_"))}
+        found = {".".join(key[len(UNET):].split(".")[:3]) for key in shapes
+                 if key.startswith((UNET + "input_blocks.", UNET + "output_blocks."))}
+        if found - {"input_blocks.0.0"} != expected:
+            problems.append("the number of blocks or layers_per_block")
+    except (KeyError, TypeError, ValueError):
+        problems.append("unet/config.json lacks down_block_types/up_block_types")
+    if problems:
+        raise ConfigError(f"base_model_config: '{folder}' does not describe the UNet in '{path}' "
+                          f"({'; '.join(problems)}); {fix}")
+
+
+def _read_yaml(config: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"base_model_config: cannot read '{config}' ({_first_line(exc)}); fix or replace it") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ConfigError(f"base_model_config: '{config}' is not an original LDM/SGM config (no 'model:' section); "
+                          "pass the .yaml that came with the checkpoint or a diffusers config folder")
+    return data
+
+
+def _yaml_unet_params(data: dict[str, Any]) -> dict[str, Any]:
+    params = data["model"].get("params") or {}
+    unet = params.get("unet_config") or params.get("network_config") or {}
+    return unet.get("params") or {}
+
+
+def _check_yaml(config: Path, family: Family, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    params = _yaml_unet_params(_read_yaml(config))
+    context = _first_shape(shapes, "attn2.to_k.weight")
+    conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
+    problems = []
+    if context is not None and params.get("context_dim") not in (None, context[-1]):
+        problems.append(f"context_dim {params.get('context_dim')} vs {context[-1]} in the weights")
+    if conv_in is not None and params.get("in_channels") not in (None, conv_in[1]):
+        problems.append(f"in_channels {params.get('in_channels')} vs {conv_in[1]} in the weights")
+    if (family == "sdxl") != ("adm_in_channels" in params):
+        problems.append("an SDXL UNet" if family == "sdxl" else "an SD 1.x/2.x UNet")
+    if problems:
+        raise ConfigError(f"base_model_config: '{config}' does not describe the UNet in '{path}' "
+                          f"({'; '.join(problems)}); pass the {FAMILY_NAMES[family]} .yaml that came with the "
+                          "checkpoint, or leave base_model_config out")
+
+
+def check_single_file(path: Path | str, config: Path | str | None = None) -> Family:
+    """Cheap check (tensor names and shapes only) that ``path`` is a loadable SD 1.x/2.x/SDXL checkpoint and that
+    ``config`` (``base_model_config``: a diffusers config folder, an original .yaml, or None for the shipped configs)
+    describes it. Returns the family; raises ConfigError naming the file and the fix."""
+    path = Path(path).expanduser()
+    shapes = read_weight_shapes(path)
+    family = family_from_shapes(shapes, path)
+    if config is None:
+        return family
+    config = Path(config).expanduser()
+    if not config.exists():
+        raise ConfigError(f"base_model_config: '{config}' not found; pass a diffusers config folder or an original "
+                          ".yaml, or leave it out to use the shipped configs")
+    if config.is_dir():
+        _check_folder(config, family, shapes, path)
+    elif _is_yaml(config):
+        _check_yaml(config, family, shapes, path)
+    else:
+        raise ConfigError(f"base_model_config: '{config}' is neither a folder nor a .yaml file; pass a diffusers "
+                          "config folder or an original LDM/SGM .yaml")
+    return family
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _shared_bpe_tokenizer(folder: Path) -> Any:
+    """A CLIP tokenizer from the shared BPE vocabulary with the settings in ``folder/tokenizer_config.json``."""
+    from transformers import CLIPTokenizer
+
+    settings = _read_json(folder / "tokenizer_config.json")
+    settings = {k: v for k, v in settings.items() if k in (
+        "model_max_length", "bos_token", "eos_token", "unk_token", "pad_token", "do_lower_case")}
+    return CLIPTokenizer.from_pretrained(CLIP_BPE, **settings)
+
+
+def _yaml_scheduler(family: Family, yaml_config: Path) -> Any:
+    """The shipped scheduler with the YAML's parameterization (``v`` -> v_prediction, else epsilon)."""
+    import diffusers
+
+    folder = SHIPPED_CONFIGS[family] / "scheduler"
+    config = _read_json(folder / "scheduler_config.json")
+    params = _read_yaml(yaml_config)["model"].get("params") or {}
+    prediction = "v_prediction" if params.get("parameterization") == "v" else "epsilon"
+    return getattr(diffusers, config["_class_name"]).from_config(config, prediction_type=prediction)
+
+
+def load_single_file(path: Path | str, config: Path | str | None = None, *, torch_dtype: Any = None) -> dict[str, Any]:
+    """Load a single-file SD 1.x / 2.x / SDXL checkpoint into diffusers/transformers components, offline.
+
+    ``config`` is ``base_model_config``: a local diffusers config folder, an original LDM/SGM .yaml (UNet and VAE
+    from it; text encoders, tokenizers and scheduler from the shipped configs, the scheduler's prediction type from
+    the YAML's ``parameterization``), or None for the shipped configs of the detected family.
+
+    Returns ``{"unet", "vae", "text_encoder", "tokenizer", "scheduler", "family"}``, plus ``"text_encoder_2"`` and
+    ``"tokenizer_2"`` for SDXL. Raises ConfigError when the file or config is wrong.
+    """
+    import diffusers
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    path = Path(path).expanduser()
+    family = check_single_file(path, config)
+    config = Path(config).expanduser() if config is not None else None
+    folder = config if config is not None and config.is_dir() else SHIPPED_CONFIGS[family]
+    kwargs: dict[str, Any] = {"config": str(folder), "local_files_only": True, "torch_dtype": torch_dtype}
+    if config is not None and _is_yaml(config):
+        kwargs["original_config"] = str(config)
+        kwargs["scheduler"] = _yaml_scheduler(family, config)
+    for name in COMPONENTS[family]:
+        # the shipped configs keep one copy of the CLIP vocabulary; a user's folder has its own files
+        if name.startswith("tokenizer") and not (folder / name / "vocab.json").is_file():
+            kwargs[name] = _shared_bpe_tokenizer(folder / name)
+    pipeline_class = getattr(diffusers, PIPELINE_CLASSES[family])
+    try:
+        pipe = pipeline_class.from_single_file(str(path), **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, SingleFileComponentError) as exc:
+        where = f"with base_model_config '{config}'" if config is not None else "with the shipped configs"
+        raise ConfigError(f"base_model: '{path}' could not be loaded as {FAMILY_NAMES[family]} {where} "
+                          f"({_first_line(exc)}); pass a base_model_config that matches the checkpoint") from None
+    components = {name: getattr(pipe, name) for name in COMPONENTS[family]}
+    components["family"] = family
+    return components
