@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,52 @@ SDXL_UNET = {
 
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory) -> Path:
+    """The tiny SDXL with a wider second text encoder: real SDXL's are 768 and 1280 wide, and diffusers' single-file
+    loader tells them apart by width (two equal widths are refused, see test_sdxl_with_equal_text_widths_is_refused)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
     from lora_scripts.testing import make_tiny_sdxl_model
 
-    return make_tiny_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+    folder = make_tiny_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+    torch.manual_seed(1)
+    config = CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
+    config.hidden_size = config.projection_dim = 48
+    CLIPTextModelWithProjection(config).save_pretrained(folder / "text_encoder_2")
+    unet = UNet2DConditionModel.load_config(folder / "unet")
+    unet.update(cross_attention_dim=32 + 48, projection_class_embeddings_input_dim=6 * 8 + 48)
+    UNet2DConditionModel.from_config(unet).save_pretrained(folder / "unet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_sd2(tmp_path_factory) -> Path:
+    """The tiny SD 1.x made SD-2-shaped: an OpenCLIP-style text encoder (gelu) and linear attention projections."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lora_scripts.testing import make_tiny_sd_model
+
+    folder = make_tiny_sd_model(tmp_path_factory.mktemp("models") / "tiny-sd2")
+    torch.manual_seed(2)
+    config = CLIPTextConfig.from_pretrained(folder / "text_encoder")
+    config.hidden_act = "gelu"
+    CLIPTextModel(config).save_pretrained(folder / "text_encoder")
+    unet = UNet2DConditionModel.load_config(folder / "unet")
+    unet.update(use_linear_projection=True, attention_head_dim=[2, 4])
+    UNet2DConditionModel.from_config(unet).save_pretrained(folder / "unet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_sd, tiny_sd2, tiny_sdxl, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Single files written from the tiny models: name -> (file, the diffusers folder it came from)."""
+    from lora_scripts.testing import write_single_file_checkpoint
+
+    out = tmp_path_factory.mktemp("single")
+    files = {"sd1.safetensors": tiny_sd, "sd1.ckpt": tiny_sd, "sd2.safetensors": tiny_sd2,
+             "sdxl.safetensors": tiny_sdxl}
+    return {name: (write_single_file_checkpoint(folder, out / name), folder) for name, folder in files.items()}
 
 
 @pytest.mark.parametrize("config, diffusers_name, ldm_name", [
@@ -99,3 +143,259 @@ def test_unet_mapping_matches_diffusers_converter_on_full_size_layouts(config):
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config, **extra)
     _diffusers_roundtrip(unet)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading single files
+
+
+COMPONENT_CLASSES = {"unet": "diffusers.UNet2DConditionModel", "vae": "diffusers.AutoencoderKL",
+                     "text_encoder": "transformers.CLIPTextModel",
+                     "text_encoder_2": "transformers.CLIPTextModelWithProjection"}
+
+
+def _load_reference(folder: Path, name: str) -> torch.nn.Module:
+    import importlib
+
+    module, cls = COMPONENT_CLASSES[name].split(".")
+    return getattr(importlib.import_module(module), cls).from_pretrained(folder / name)
+
+
+@pytest.mark.parametrize("name, family", [("sd1.safetensors", "sd1"), ("sd1.ckpt", "sd1"),
+                                          ("sd2.safetensors", "sd2"), ("sdxl.safetensors", "sdxl")])
+def test_family_is_detected_from_the_weights(checkpoints, name, family):
+    from lora_scripts.models.single_file import check_single_file, detect_family
+
+    path, folder = checkpoints[name]
+    assert detect_family(path) == family
+    assert check_single_file(path, folder) == family
+
+
+@pytest.mark.parametrize("name", ["sd1.safetensors", "sd1.ckpt", "sd2.safetensors", "sdxl.safetensors"])
+def test_single_file_loads_to_the_original_weights(checkpoints, name):
+    from lora_scripts.models.single_file import load_single_file
+
+    path, folder = checkpoints[name]
+    components = load_single_file(path, folder)
+    family = components["family"]
+    parts = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+    assert set(components) == set(parts) | {"tokenizer", "scheduler", "family"} | (
+        {"tokenizer_2"} if family == "sdxl" else set())
+    for part in parts:
+        expected, got = _load_reference(folder, part).state_dict(), components[part].state_dict()
+        assert set(got) == set(expected), part
+        assert all(torch.equal(got[key], expected[key]) for key in expected), part
+    assert components["tokenizer"]("a red circle").input_ids == \
+        __import__("transformers").CLIPTokenizer.from_pretrained(folder / "tokenizer")("a red circle").input_ids
+    assert components["scheduler"].config.prediction_type == "epsilon"
+
+
+TINY_SD1_YAML = """
+model:
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085
+    linear_end: 0.012
+    timesteps: 1000
+    scale_factor: 0.18215
+    {parameterization}
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        image_size: 16
+        in_channels: 4
+        out_channels: 4
+        model_channels: 32
+        attention_resolutions: [1]
+        num_res_blocks: 1
+        channel_mult: [1, 2]
+        num_heads: 8
+        transformer_depth: 1
+        context_dim: 32
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        ddconfig: {{z_channels: 4, resolution: 32, in_channels: 3, out_ch: 3, ch: 32, ch_mult: [1, 2],
+                   num_res_blocks: 1, attn_resolutions: [], dropout: 0.0}}
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
+"""
+
+
+@pytest.mark.parametrize("parameterization, prediction", [("", "epsilon"), ('parameterization: "v"', "v_prediction")])
+def test_original_yaml_config_builds_unet_and_vae(checkpoints, tmp_path, monkeypatch, parameterization, prediction):
+    """With an original .yaml, diffusers builds the UNet and VAE from it; text encoder, tokenizer and scheduler
+    come from the shipped configs (here pointed at the tiny model, whose CLIP is not the real one)."""
+    from lora_scripts.models import single_file
+
+    path, folder = checkpoints["sd1.safetensors"]
+    yaml_path = tmp_path / "tiny-v1-inference.yaml"
+    yaml_path.write_text(TINY_SD1_YAML.format(parameterization=parameterization))
+    monkeypatch.setitem(single_file.SHIPPED_CONFIGS, "sd1", folder)
+    components = single_file.load_single_file(path, yaml_path)
+    for part in ("unet", "vae", "text_encoder"):
+        expected, got = _load_reference(folder, part).state_dict(), components[part].state_dict()
+        assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected), part
+    assert components["scheduler"].config.prediction_type == prediction
+
+
+def test_shipped_tokenizers_are_the_real_clip_tokenizer():
+    from lora_scripts.models.single_file import SHIPPED_CONFIGS, _shared_bpe_tokenizer
+
+    for family, part, pad in [("sd1", "tokenizer", 49407), ("sd2", "tokenizer", 0), ("sdxl", "tokenizer", 49407),
+                              ("sdxl", "tokenizer_2", 0)]:
+        tokenizer = _shared_bpe_tokenizer(SHIPPED_CONFIGS[family] / part)
+        assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+        assert len(tokenizer) == 49408 and tokenizer.model_max_length == 77 and tokenizer.pad_token_id == pad
+
+
+def _full_size_shapes(family: str, config_folder: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes of a real-size checkpoint, from models built on the meta device."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lora_scripts.models.ldm import clip_state_dict_to_ldm, open_clip_state_dict_to_ldm, vae_state_dict_to_ldm
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_folder / "vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(config_folder / "text_encoder")).state_dict()
+        state = {**unet_state_dict_to_ldm(unet.state_dict(), unet.config),
+                 **vae_state_dict_to_ldm(vae.state_dict(), vae.config)}
+        if family == "sd1":
+            state.update(clip_state_dict_to_ldm(text, "cond_stage_model.transformer."))
+        elif family == "sd2":
+            state.update(open_clip_state_dict_to_ldm(text, "cond_stage_model.model."))
+        else:
+            text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_folder / "text_encoder_2"))
+            state.update(clip_state_dict_to_ldm(text, "conditioner.embedders.0.transformer."))
+            state.update(open_clip_state_dict_to_ldm(text_2.state_dict(), "conditioner.embedders.1.model."))
+    return {key: tuple(value.shape) for key, value in state.items()}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_shipped_configs_accept_full_size_checkpoints(family, monkeypatch, tmp_path):
+    """Real-size checkpoint layouts (names and shapes, no weights) are recognised, checked against the shipped
+    configs, and refused with another family's config."""
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
+
+    from lora_scripts.errors import ConfigError
+    from lora_scripts.models import single_file
+
+    shapes = _full_size_shapes(family, single_file.SHIPPED_CONFIGS[family])
+    marker = {"sd1": "v1", "sd2": "v2", "sdxl": "xl_base"}[family]  # the names diffusers itself detects them by
+    assert CHECKPOINT_KEY_NAMES[marker] in shapes
+    monkeypatch.setattr(single_file, "read_weight_shapes", lambda path: shapes)
+    assert single_file.check_single_file(tmp_path / "model.safetensors") == family
+    other = {"sd1": "sdxl", "sd2": "sd1", "sdxl": "sd1"}[family]
+    with pytest.raises(ConfigError, match="base_model_config: .* (is a|does not describe)") as err:
+        single_file.check_single_file(tmp_path / "model.safetensors", single_file.SHIPPED_CONFIGS[other])
+    assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors: one line each, naming the file and the fix
+
+
+def _error(path, config=None, load=False) -> str:
+    from lora_scripts.errors import ConfigError
+    from lora_scripts.models.single_file import check_single_file, load_single_file
+
+    with pytest.raises(ConfigError) as err:
+        (load_single_file if load else check_single_file)(path, config)
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 400, message
+    return message
+
+
+def test_missing_and_unreadable_files_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    assert "not found" in _error(tmp_path / "nope.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    assert "not a readable safetensors file" in _error(tmp_path / "junk.safetensors")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a pickle")
+    assert "weights-only torch checkpoint" in _error(tmp_path / "junk.ckpt")
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "callback": ValueError("pickled object")}, tmp_path / "obj.ckpt")
+    assert "re-export it as .safetensors" in _error(tmp_path / "obj.ckpt")
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    assert "neither .safetensors nor .ckpt" in _error(tmp_path / "model.onnx")
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)},
+              str(tmp_path / "lora.safetensors"))
+    assert "is a LoRA, not a base model" in _error(tmp_path / "lora.safetensors")
+    save_file({"encoder.conv_in.weight": torch.zeros(1)}, str(tmp_path / "vae.safetensors"))
+    assert "no UNet weights" in _error(tmp_path / "vae.safetensors")
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(tmp_path / "unet.safetensors"))
+    assert "no text encoder this loader knows" in _error(tmp_path / "unet.safetensors")
+
+
+def test_bad_configs_are_refused(checkpoints, tmp_path):
+    import shutil
+
+    sd1, tiny_sd = checkpoints["sd1.safetensors"]
+    sdxl, tiny_sdxl = checkpoints["sdxl.safetensors"]
+    # a tiny (non-standard) checkpoint without base_model_config: the shipped SD 1.5 config does not fit
+    message = _error(sd1)
+    assert "is not a standard SD 1.x model" in message and "set base_model_config" in message
+    assert "is not a standard SD 1.x model" in _error(sd1, load=True)
+    # SDXL weights with an SD 1.x config, and the other way round
+    assert "is a StableDiffusionPipeline config but" in _error(sdxl, tiny_sd)
+    assert "is a StableDiffusionXLPipeline config but" in _error(sd1, tiny_sdxl)
+    # a config folder without a component config
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_sd, partial, ignore=shutil.ignore_patterns("*.safetensors"))
+    (partial / "vae" / "config.json").unlink()
+    assert "lacks vae/config.json" in _error(sd1, partial)
+    # a config whose UNet has other sizes than the weights
+    sd2_folder = checkpoints["sd2.safetensors"][1]
+    other = tmp_path / "other"
+    shutil.copytree(tiny_sd, other)
+    unet = json.loads((other / "unet" / "config.json").read_text())
+    (other / "unet" / "config.json").write_text(json.dumps({**unet, "layers_per_block": 2, "cross_attention_dim": 48}))
+    message = _error(sd1, other)
+    assert "cross_attention_dim 48 vs 32" in message and "layers_per_block" in message
+    assert _error(checkpoints["sd2.safetensors"][0], tiny_sdxl)
+    assert "not found" in _error(sd1, tmp_path / "missing-config")
+    (tmp_path / "notes.txt").write_text("x")
+    assert "neither a folder nor a .yaml" in _error(sd1, tmp_path / "notes.txt")
+    (tmp_path / "bad.yaml").write_text("just: text\n")
+    assert "not an original LDM/SGM config" in _error(sd1, tmp_path / "bad.yaml")
+    (tmp_path / "wrong.yaml").write_text(TINY_SD1_YAML.format(parameterization="").replace("context_dim: 32",
+                                                                                          "context_dim: 768"))
+    assert "context_dim 768 vs 32" in _error(sd1, tmp_path / "wrong.yaml")
+    assert "it describes an SD 1.x/2.x UNet, the weights are SDXL" in _error(sdxl, tmp_path / "wrong.yaml")
+    assert sd2_folder.exists()
+
+
+def test_sdxl_with_equal_text_widths_is_refused(tmp_path):
+    """diffusers' single-file loader tells SDXL's encoders apart by width; equal widths (only in toy models) would
+    load the first encoder's weights into the second, so they are refused."""
+    from lora_scripts.testing import make_tiny_sdxl_model, write_single_file_checkpoint
+
+    folder = make_tiny_sdxl_model(tmp_path / "sdxl-equal")
+    path = write_single_file_checkpoint(folder, tmp_path / "equal.safetensors")
+    assert "two text encoders of the same width (32)" in _error(path, folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Offline
+
+
+def test_loading_makes_no_network_connection(checkpoints, monkeypatch):
+    """No hub access, even with HF_HUB_OFFLINE unset: every config is local and local_files_only is passed."""
+    import socket
+
+    import huggingface_hub.constants
+
+    from lora_scripts.models.single_file import load_single_file
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("sd1.ckpt", "sdxl.safetensors"):
+        path, folder = checkpoints[name]
+        assert load_single_file(path, folder)["unet"] is not None

@@ -31,6 +31,12 @@ PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPip
 COMPONENTS = {"sd1": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
               "sd2": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
               "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")}
+TEXT_WIDTH_KEYS = {
+    "sd1": {"text_encoder": "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"},
+    "sd2": {"text_encoder": "cond_stage_model.model.positional_embedding"},
+    "sdxl": {"text_encoder": "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
+             "text_encoder_2": "conditioner.embedders.1.model.positional_embedding"},
+}
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 UNET = "model.diffusion_model."
 
@@ -63,8 +69,11 @@ def read_weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
             data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        reason = _first_line(exc)
+        if "Weights only load failed" in reason:  # torch's long advice to unpickle anything; we never do
+            reason = "it holds pickled Python objects besides tensors, which are not loaded for safety"
         raise ConfigError(f"base_model: '{path}' cannot be read as a weights-only torch checkpoint "
-                          f"({_first_line(exc)}); re-export it as .safetensors") from None
+                          f"({reason[:120]}); re-export it as .safetensors") from None
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
@@ -91,6 +100,12 @@ def family_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path | str = "c
     if any(key.startswith("conditioner.embedders.") for key in keys):
         if any(key.startswith("conditioner.embedders.0.transformer.") for key in keys) and \
                 any(key.startswith("conditioner.embedders.1.model.") for key in keys):
+            width_1 = shapes.get(TEXT_WIDTH_KEYS["sdxl"]["text_encoder"])
+            width_2 = shapes.get(TEXT_WIDTH_KEYS["sdxl"]["text_encoder_2"])
+            if width_1 and width_2 and width_1[-1] == width_2[-1]:  # real SDXL: 768 and 1280
+                raise ConfigError(f"base_model: '{path}' has two text encoders of the same width ({width_1[-1]}), "
+                                  "which diffusers' single-file loader cannot tell apart; convert it to a diffusers "
+                                  "folder with its own tools and use that as base_model")
             return "sdxl"
         raise ConfigError(f"base_model: '{path}' is an SGM checkpoint but not SDXL base (an SDXL refiner?); only "
                           "SD 1.x, SD 2.x and SDXL base checkpoints are supported")
@@ -127,7 +142,8 @@ def _first_shape(shapes: dict[str, tuple[int, ...]], suffix: str) -> tuple[int, 
     return next((shape for key, shape in shapes.items() if key.startswith(UNET) and key.endswith(suffix)), None)
 
 
-def _check_folder(folder: Path, family: Family, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+def _check_folder(folder: Path, family: Family, shapes: dict[str, tuple[int, ...]], path: Path,
+                  shipped: bool = False) -> None:
     """A diffusers config folder: complete for the family, and its UNet describes these weights."""
     from .ldm import _cached_layout
 
@@ -170,7 +186,15 @@ def _check_folder(folder: Path, family: Family, shapes: dict[str, tuple[int, ...
             problems.append("the number of blocks or layers_per_block")
     except (KeyError, TypeError, ValueError):
         problems.append("unet/config.json lacks down_block_types/up_block_types")
+    for part, key in TEXT_WIDTH_KEYS[family].items():
+        width = shapes.get(key)
+        hidden = _read_json(folder / part / "config.json").get("hidden_size")
+        if width is not None and hidden != width[-1]:
+            problems.append(f"{part} hidden_size {hidden} vs {width[-1]} in the weights")
     if problems:
+        if shipped:
+            raise ConfigError(f"base_model: '{path}' is not a standard {name} model ({'; '.join(problems)}); set "
+                              "base_model_config to its diffusers config folder or the .yaml that came with it")
         raise ConfigError(f"base_model_config: '{folder}' does not describe the UNet in '{path}' "
                           f"({'; '.join(problems)}); {fix}")
 
@@ -204,7 +228,8 @@ def _check_yaml(config: Path, family: Family, shapes: dict[str, tuple[int, ...]]
     if conv_in is not None and params.get("in_channels") not in (None, conv_in[1]):
         problems.append(f"in_channels {params.get('in_channels')} vs {conv_in[1]} in the weights")
     if (family == "sdxl") != ("adm_in_channels" in params):
-        problems.append("an SDXL UNet" if family == "sdxl" else "an SD 1.x/2.x UNet")
+        problems.append("it describes an " + ("SD 1.x/2.x UNet, the weights are SDXL" if family == "sdxl"
+                                              else "SDXL UNet, the weights are not"))
     if problems:
         raise ConfigError(f"base_model_config: '{config}' does not describe the UNet in '{path}' "
                           f"({'; '.join(problems)}); pass the {FAMILY_NAMES[family]} .yaml that came with the "
@@ -219,6 +244,7 @@ def check_single_file(path: Path | str, config: Path | str | None = None) -> Fam
     shapes = read_weight_shapes(path)
     family = family_from_shapes(shapes, path)
     if config is None:
+        _check_folder(SHIPPED_CONFIGS[family], family, shapes, path, shipped=True)
         return family
     config = Path(config).expanduser()
     if not config.exists():
