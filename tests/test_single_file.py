@@ -173,7 +173,7 @@ def test_family_is_detected_from_the_weights(checkpoints, name, family):
 
 @pytest.mark.parametrize("name", ["sd1.safetensors", "sd1.ckpt", "sd2.safetensors", "sdxl.safetensors"])
 def test_single_file_loads_to_the_original_weights(checkpoints, name):
-    from lora_scripts.models.single_file import load_single_file
+    from lora_scripts.models.single_file import load_single_file, load_single_file_tokenizers
 
     path, folder = checkpoints[name]
     components = load_single_file(path, folder)
@@ -188,6 +188,9 @@ def test_single_file_loads_to_the_original_weights(checkpoints, name):
     assert components["tokenizer"]("a red circle").input_ids == \
         __import__("transformers").CLIPTokenizer.from_pretrained(folder / "tokenizer")("a red circle").input_ids
     assert components["scheduler"].config.prediction_type == "epsilon"
+    tokenizers = load_single_file_tokenizers(path, folder)
+    assert set(tokenizers) == {key for key in components if key.startswith("tokenizer")}
+    assert tokenizers["tokenizer"].get_vocab() == components["tokenizer"].get_vocab()
 
 
 TINY_SD1_YAML = """
@@ -312,6 +315,7 @@ def test_missing_and_unreadable_files_are_refused(tmp_path):
     from safetensors.torch import save_file
 
     assert "not found" in _error(tmp_path / "nope.safetensors")
+    assert "is a folder, not a single-file checkpoint" in _error(tmp_path)
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     assert "not a readable safetensors file" in _error(tmp_path / "junk.safetensors")
     (tmp_path / "junk.ckpt").write_bytes(b"not a pickle")

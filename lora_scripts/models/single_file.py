@@ -45,6 +45,9 @@ def read_weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor name in a checkpoint with its shape, without reading the tensors (a ``.ckpt`` is memory-mapped,
     falling back to a plain weights-only load for the legacy non-zip format). Raises ConfigError if unreadable."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"base_model: '{path}' is a folder, not a single-file checkpoint; pass the .safetensors "
+                          "or .ckpt file (a diffusers folder is loaded as such)")
     if not path.is_file():
         raise ConfigError(f"base_model: checkpoint '{path}' not found; check the path")
     if path.suffix == ".safetensors":
@@ -186,17 +189,23 @@ def _check_folder(folder: Path, family: Family, shapes: dict[str, tuple[int, ...
             problems.append("the number of blocks or layers_per_block")
     except (KeyError, TypeError, ValueError):
         problems.append("unet/config.json lacks down_block_types/up_block_types")
-    for part, key in TEXT_WIDTH_KEYS[family].items():
-        width = shapes.get(key)
-        hidden = _read_json(folder / part / "config.json").get("hidden_size")
-        if width is not None and hidden != width[-1]:
-            problems.append(f"{part} hidden_size {hidden} vs {width[-1]} in the weights")
+    problems += _text_width_problems(folder, family, shapes)
     if problems:
         if shipped:
             raise ConfigError(f"base_model: '{path}' is not a standard {name} model ({'; '.join(problems)}); set "
                               "base_model_config to its diffusers config folder or the .yaml that came with it")
         raise ConfigError(f"base_model_config: '{folder}' does not describe the UNet in '{path}' "
                           f"({'; '.join(problems)}); {fix}")
+
+
+def _text_width_problems(folder: Path, family: Family, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    problems = []
+    for part, key in TEXT_WIDTH_KEYS[family].items():
+        width = shapes.get(key)
+        hidden = _read_json(folder / part / "config.json").get("hidden_size")
+        if width is not None and hidden != width[-1]:
+            problems.append(f"{part} hidden_size {hidden} vs {width[-1]} in the weights")
+    return problems
 
 
 def _read_yaml(config: Path) -> dict[str, Any]:
@@ -234,6 +243,12 @@ def _check_yaml(config: Path, family: Family, shapes: dict[str, tuple[int, ...]]
         raise ConfigError(f"base_model_config: '{config}' does not describe the UNet in '{path}' "
                           f"({'; '.join(problems)}); pass the {FAMILY_NAMES[family]} .yaml that came with the "
                           "checkpoint, or leave base_model_config out")
+    # a YAML describes UNet and VAE only; the text encoders come from the shipped configs
+    problems = _text_width_problems(SHIPPED_CONFIGS[family], family, shapes)
+    if problems:
+        raise ConfigError(f"base_model: '{path}' has non-standard {FAMILY_NAMES[family]} text encoders "
+                          f"({'; '.join(problems)}), which an original .yaml does not describe; set "
+                          "base_model_config to a diffusers config folder instead")
 
 
 def check_single_file(path: Path | str, config: Path | str | None = None) -> Family:
@@ -283,6 +298,19 @@ def _yaml_scheduler(family: Family, yaml_config: Path) -> Any:
     params = _read_yaml(yaml_config)["model"].get("params") or {}
     prediction = "v_prediction" if params.get("parameterization") == "v" else "epsilon"
     return getattr(diffusers, config["_class_name"]).from_config(config, prediction_type=prediction)
+
+
+def load_single_file_tokenizers(path: Path | str, config: Path | str | None = None) -> dict[str, Any]:
+    """The tokenizer(s) a single-file checkpoint is loaded with (``tokenizer``, and ``tokenizer_2`` for SDXL), without
+    loading weights: for counting caption tokens in ``lora-scripts check``."""
+    from transformers import CLIPTokenizer
+
+    path = Path(path).expanduser()
+    family = check_single_file(path, config)
+    folder = Path(config).expanduser() if config is not None and Path(config).expanduser().is_dir() \
+        else SHIPPED_CONFIGS[family]
+    return {name: CLIPTokenizer.from_pretrained(folder / name) if (folder / name / "vocab.json").is_file()
+            else _shared_bpe_tokenizer(folder / name) for name in COMPONENTS[family] if name.startswith("tokenizer")}
 
 
 def load_single_file(path: Path | str, config: Path | str | None = None, *, torch_dtype: Any = None) -> dict[str, Any]:
