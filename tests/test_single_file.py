@@ -242,12 +242,33 @@ def test_original_yaml_config_builds_unet_and_vae(checkpoints, tmp_path, monkeyp
     assert components["scheduler"].config.prediction_type == prediction
 
 
+def test_without_base_model_config_the_shipped_configs_are_used(checkpoints, tmp_path, monkeypatch):
+    """The default path: configs and the shared CLIP tokenizer from the package's config folder (here a copy of the
+    tiny model's configs with the shipped tokenizer settings, since the shipped UNet is full-size)."""
+    import shutil
+
+    from lora_scripts.models import single_file
+
+    path, folder = checkpoints["sdxl.safetensors"]
+    shipped = tmp_path / "shipped-sdxl"
+    shutil.copytree(folder, shipped, ignore=shutil.ignore_patterns("*.safetensors", "vocab.json", "merges.txt"))
+    for part in ("tokenizer", "tokenizer_2"):
+        shutil.copy(single_file.SHIPPED_CONFIGS["sdxl"] / part / "tokenizer_config.json", shipped / part)
+    monkeypatch.setitem(single_file.SHIPPED_CONFIGS, "sdxl", shipped)
+    components = single_file.load_single_file(path)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        expected, got = _load_reference(folder, part).state_dict(), components[part].state_dict()
+        assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected), part
+    assert components["tokenizer"]("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert components["tokenizer"].pad_token_id == 49407 and components["tokenizer_2"].pad_token_id == 0
+
+
 def test_shipped_tokenizers_are_the_real_clip_tokenizer():
-    from lora_scripts.models.single_file import SHIPPED_CONFIGS, _shared_bpe_tokenizer
+    from lora_scripts.models.single_file import SHIPPED_CONFIGS, _tokenizers
 
     for family, part, pad in [("sd1", "tokenizer", 49407), ("sd2", "tokenizer", 0), ("sdxl", "tokenizer", 49407),
                               ("sdxl", "tokenizer_2", 0)]:
-        tokenizer = _shared_bpe_tokenizer(SHIPPED_CONFIGS[family] / part)
+        tokenizer = _tokenizers(SHIPPED_CONFIGS[family], family)[part]
         assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
         assert len(tokenizer) == 49408 and tokenizer.model_max_length == 77 and tokenizer.pad_token_id == pad
 

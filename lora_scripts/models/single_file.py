@@ -279,14 +279,21 @@ def check_single_file(path: Path | str, config: Path | str | None = None) -> Fam
 # Loading
 
 
-def _shared_bpe_tokenizer(folder: Path) -> Any:
-    """A CLIP tokenizer from the shared BPE vocabulary with the settings in ``folder/tokenizer_config.json``."""
+def _tokenizers(folder: Path, family: Family) -> dict[str, Any]:
+    """The family's CLIP tokenizer(s) from a config folder: its own vocabulary files, or (the shipped configs keep
+    one copy of it) the shared CLIP BPE vocabulary with the settings in ``tokenizer_config.json``."""
     from transformers import CLIPTokenizer
 
-    settings = _read_json(folder / "tokenizer_config.json")
-    settings = {k: v for k, v in settings.items() if k in (
-        "model_max_length", "bos_token", "eos_token", "unk_token", "pad_token", "do_lower_case")}
-    return CLIPTokenizer.from_pretrained(CLIP_BPE, **settings)
+    tokenizers = {}
+    for name in (part for part in COMPONENTS[family] if part.startswith("tokenizer")):
+        if any((folder / name / file).is_file() for file in ("vocab.json", "tokenizer.json")):
+            tokenizers[name] = CLIPTokenizer.from_pretrained(folder / name)
+        else:
+            settings = _read_json(folder / name / "tokenizer_config.json")
+            settings = {k: v for k, v in settings.items() if k in (
+                "model_max_length", "bos_token", "eos_token", "unk_token", "pad_token", "do_lower_case")}
+            tokenizers[name] = CLIPTokenizer.from_pretrained(CLIP_BPE, **settings)
+    return tokenizers
 
 
 def _yaml_scheduler(family: Family, yaml_config: Path) -> Any:
@@ -300,17 +307,18 @@ def _yaml_scheduler(family: Family, yaml_config: Path) -> Any:
     return getattr(diffusers, config["_class_name"]).from_config(config, prediction_type=prediction)
 
 
+def _config_folder(family: Family, config: Path | None) -> Path:
+    """Where component configs and tokenizers come from: the given folder, else (no config, or a .yaml for UNet and
+    VAE only) the shipped configs of the family."""
+    return config if config is not None and config.is_dir() else SHIPPED_CONFIGS[family]
+
+
 def load_single_file_tokenizers(path: Path | str, config: Path | str | None = None) -> dict[str, Any]:
     """The tokenizer(s) a single-file checkpoint is loaded with (``tokenizer``, and ``tokenizer_2`` for SDXL), without
-    loading weights: for counting caption tokens in ``lora-scripts check``."""
-    from transformers import CLIPTokenizer
-
-    path = Path(path).expanduser()
+    loading weights: for counting caption tokens in ``lora-scripts check``. Raises ConfigError like
+    :func:`check_single_file`."""
     family = check_single_file(path, config)
-    folder = Path(config).expanduser() if config is not None and Path(config).expanduser().is_dir() \
-        else SHIPPED_CONFIGS[family]
-    return {name: CLIPTokenizer.from_pretrained(folder / name) if (folder / name / "vocab.json").is_file()
-            else _shared_bpe_tokenizer(folder / name) for name in COMPONENTS[family] if name.startswith("tokenizer")}
+    return _tokenizers(_config_folder(family, Path(config).expanduser() if config is not None else None), family)
 
 
 def load_single_file(path: Path | str, config: Path | str | None = None, *, torch_dtype: Any = None) -> dict[str, Any]:
@@ -329,15 +337,13 @@ def load_single_file(path: Path | str, config: Path | str | None = None, *, torc
     path = Path(path).expanduser()
     family = check_single_file(path, config)
     config = Path(config).expanduser() if config is not None else None
-    folder = config if config is not None and config.is_dir() else SHIPPED_CONFIGS[family]
-    kwargs: dict[str, Any] = {"config": str(folder), "local_files_only": True, "torch_dtype": torch_dtype}
+    folder = _config_folder(family, config)
+    # local_files_only: with a local config folder nothing is fetched; this makes sure of it
+    kwargs: dict[str, Any] = {"config": str(folder), "local_files_only": True, "torch_dtype": torch_dtype,
+                              **_tokenizers(folder, family)}
     if config is not None and _is_yaml(config):
-        kwargs["original_config"] = str(config)
+        kwargs["original_config"] = str(config)  # UNet and VAE from the YAML, the rest from `folder`
         kwargs["scheduler"] = _yaml_scheduler(family, config)
-    for name in COMPONENTS[family]:
-        # the shipped configs keep one copy of the CLIP vocabulary; a user's folder has its own files
-        if name.startswith("tokenizer") and not (folder / name / "vocab.json").is_file():
-            kwargs[name] = _shared_bpe_tokenizer(folder / name)
     pipeline_class = getattr(diffusers, PIPELINE_CLASSES[family])
     try:
         pipe = pipeline_class.from_single_file(str(path), **kwargs)
