@@ -242,6 +242,24 @@ def test_original_yaml_config_builds_unet_and_vae(checkpoints, tmp_path, monkeyp
     assert components["scheduler"].config.prediction_type == prediction
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_sd1_files_with_pre_text_model_clip_names_load(checkpoints, tmp_path, suffix):
+    """Old SD 1.x files name CLIP 'cond_stage_model.transformer.encoder...' (no 'text_model.'); A1111 loads them."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_scripts.models.single_file import load_single_file
+
+    path, folder = checkpoints["sd1.safetensors"]
+    old = {key.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): value
+           for key, value in load_file(path).items()}
+    old_path = tmp_path / f"old{suffix}"
+    save_file(old, str(old_path)) if suffix == ".safetensors" else torch.save({"state_dict": old}, old_path)
+    components = load_single_file(old_path, folder)
+    for part in ("unet", "text_encoder"):
+        expected, got = _load_reference(folder, part).state_dict(), components[part].state_dict()
+        assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected), part
+
+
 def test_without_base_model_config_the_shipped_configs_are_used(checkpoints, tmp_path, monkeypatch):
     """The default path: configs and the shared CLIP tokenizer from the package's config folder (here a copy of the
     tiny model's configs with the shipped tokenizer settings, since the shipped UNet is full-size)."""

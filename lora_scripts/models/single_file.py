@@ -62,6 +62,11 @@ def read_weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     if path.suffix not in TORCH_SUFFIXES:
         raise ConfigError(f"base_model: '{path}' is neither .safetensors nor .ckpt; pass a single-file checkpoint "
                           "or a diffusers folder")
+    return {key: tuple(value.shape) for key, value in _torch_state_dict(path).items()}
+
+
+def _torch_state_dict(path: Path) -> dict[str, Any]:
+    """The tensors of a ``.ckpt``: ``weights_only`` (no code runs), memory-mapped where the format allows."""
     import pickle
 
     import torch
@@ -81,7 +86,7 @@ def read_weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         data = data["state_dict"]
     if not isinstance(data, dict):
         raise ConfigError(f"base_model: '{path}' holds a {type(data).__name__}, not a state dict of weights")
-    return {key: tuple(value.shape) for key, value in data.items() if isinstance(key, str) and hasattr(value, "shape")}
+    return {key: value for key, value in data.items() if isinstance(key, str) and hasattr(value, "shape")}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -255,12 +260,15 @@ def check_single_file(path: Path | str, config: Path | str | None = None) -> Fam
     """Cheap check (tensor names and shapes only) that ``path`` is a loadable SD 1.x/2.x/SDXL checkpoint and that
     ``config`` (``base_model_config``: a diffusers config folder, an original .yaml, or None for the shipped configs)
     describes it. Returns the family; raises ConfigError naming the file and the fix."""
-    path = Path(path).expanduser()
-    shapes = read_weight_shapes(path)
+    return _check(Path(path).expanduser(), config)[0]
+
+
+def _check(path: Path, config: Path | str | None) -> tuple[Family, dict[str, tuple[int, ...]]]:
+    shapes = {_modern_clip_name(key): shape for key, shape in read_weight_shapes(path).items()}
     family = family_from_shapes(shapes, path)
     if config is None:
         _check_folder(SHIPPED_CONFIGS[family], family, shapes, path, shipped=True)
-        return family
+        return family, shapes
     config = Path(config).expanduser()
     if not config.exists():
         raise ConfigError(f"base_model_config: '{config}' not found; pass a diffusers config folder or an original "
@@ -272,7 +280,36 @@ def check_single_file(path: Path | str, config: Path | str | None = None) -> Fam
     else:
         raise ConfigError(f"base_model_config: '{config}' is neither a folder nor a .yaml file; pass a diffusers "
                           "config folder or an original LDM/SGM .yaml")
-    return family
+    return family, shapes
+
+
+LDM_CLIP = "cond_stage_model.transformer."
+
+
+def _modern_clip_name(key: str) -> str:
+    """SD 1.x files saved with transformers < 4.22 lack CLIP's ``text_model.`` level; A1111 renames them on load."""
+    if key.startswith(LDM_CLIP) and not key.startswith(LDM_CLIP + "text_model."):
+        return LDM_CLIP + "text_model." + key[len(LDM_CLIP):]
+    return key
+
+
+def _legacy_clip_text_encoder(path: Path, folder: Path, torch_dtype: Any) -> Any:
+    """The SD 1.x text encoder of a file with old CLIP names, which diffusers' single-file loader does not find:
+    its tensors renamed, then built by diffusers' own CLIP converter."""
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys() if key.startswith(LDM_CLIP)}
+    else:
+        tensors = {key: value for key, value in _torch_state_dict(path).items() if key.startswith(LDM_CLIP)}
+    renamed = {_modern_clip_name(key): value for key, value in tensors.items() if not key.endswith("position_ids")}
+    return create_diffusers_clip_model_from_ldm(CLIPTextModel, checkpoint=renamed, config=str(folder),
+                                                subfolder="text_encoder", torch_dtype=torch_dtype,
+                                                local_files_only=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,7 +372,7 @@ def load_single_file(path: Path | str, config: Path | str | None = None, *, torc
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     path = Path(path).expanduser()
-    family = check_single_file(path, config)
+    family, shapes = _check(path, config)
     config = Path(config).expanduser() if config is not None else None
     folder = _config_folder(family, config)
     # local_files_only: with a local config folder nothing is fetched; this makes sure of it
@@ -346,6 +383,8 @@ def load_single_file(path: Path | str, config: Path | str | None = None, *, torc
         kwargs["scheduler"] = _yaml_scheduler(family, config)
     pipeline_class = getattr(diffusers, PIPELINE_CLASSES[family])
     try:
+        if family == "sd1" and not any(key.startswith(LDM_CLIP + "text_model.") for key in read_weight_shapes(path)):
+            kwargs["text_encoder"] = _legacy_clip_text_encoder(path, folder, torch_dtype)
         pipe = pipeline_class.from_single_file(str(path), **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, SingleFileComponentError) as exc:
         where = f"with base_model_config '{config}'" if config is not None else "with the shipped configs"
