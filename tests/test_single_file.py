@@ -372,6 +372,15 @@ def test_missing_and_unreadable_files_are_refused(tmp_path):
     assert "no text encoder this loader knows" in _error(tmp_path / "unet.safetensors")
 
 
+@pytest.mark.parametrize("name", ["sd1.safetensors", "sd1.ckpt"])
+def test_truncated_files_are_refused(checkpoints, tmp_path, name):
+    path, folder = checkpoints[name]
+    cut = tmp_path / name
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    assert "re-download" in _error(cut, folder)
+    assert "re-download" in _error(cut, folder, load=True)
+
+
 def test_bad_configs_are_refused(checkpoints, tmp_path):
     import shutil
 

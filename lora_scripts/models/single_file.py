@@ -5,7 +5,8 @@
 - :func:`check_single_file` is the cheap check for ``lora-scripts check``: the file, its family and that the config
   (``base_model_config``) describes the same architecture.
 - :func:`load_single_file` loads the pipeline components through diffusers' own single-file loader
-  (``StableDiffusionPipeline.from_single_file`` / ``StableDiffusionXLPipeline.from_single_file``).
+  (``StableDiffusionPipeline.from_single_file`` / ``StableDiffusionXLPipeline.from_single_file``);
+  :func:`load_single_file_tokenizers` gives just the tokenizers (to count caption tokens without loading weights).
 
 Configs never come from the hub: ``base_model_config`` is a local diffusers config folder (``model_index.json`` and
 component configs, as ``save_pretrained`` writes) or an original LDM/SGM YAML; without it, the configs shipped in
@@ -51,12 +52,12 @@ def read_weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     if not path.is_file():
         raise ConfigError(f"base_model: checkpoint '{path}' not found; check the path")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
                 return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-        except Exception as exc:  # safetensors raises its own SafetensorError (not an OSError) for a bad header
+        except (SafetensorError, OSError, ValueError) as exc:
             raise ConfigError(f"base_model: '{path}' is not a readable safetensors file ({_first_line(exc)}); "
                               "re-download or re-export it") from None
     if path.suffix not in TORCH_SUFFIXES:
@@ -81,7 +82,7 @@ def _torch_state_dict(path: Path) -> dict[str, Any]:
         if "Weights only load failed" in reason:  # torch's long advice to unpickle anything; we never do
             reason = "it holds pickled Python objects besides tensors, which are not loaded for safety"
         raise ConfigError(f"base_model: '{path}' cannot be read as a weights-only torch checkpoint "
-                          f"({reason[:120]}); re-export it as .safetensors") from None
+                          f"({reason.split('. ')[0][:120]}); re-download it, or re-export it as .safetensors") from None
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
