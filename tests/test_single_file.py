@@ -291,30 +291,6 @@ def test_shipped_tokenizers_are_the_real_clip_tokenizer():
         assert len(tokenizer) == 49408 and tokenizer.model_max_length == 77 and tokenizer.pad_token_id == pad
 
 
-def _full_size_shapes(family: str, config_folder: Path) -> dict[str, tuple[int, ...]]:
-    """The tensor names and shapes of a real-size checkpoint, from models built on the meta device."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from lora_scripts.models.ldm import clip_state_dict_to_ldm, open_clip_state_dict_to_ldm, vae_state_dict_to_ldm
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_folder / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_folder / "vae"))
-        text = CLIPTextModel(CLIPTextConfig.from_pretrained(config_folder / "text_encoder")).state_dict()
-        state = {**unet_state_dict_to_ldm(unet.state_dict(), unet.config),
-                 **vae_state_dict_to_ldm(vae.state_dict(), vae.config)}
-        if family == "sd1":
-            state.update(clip_state_dict_to_ldm(text, "cond_stage_model.transformer."))
-        elif family == "sd2":
-            state.update(open_clip_state_dict_to_ldm(text, "cond_stage_model.model."))
-        else:
-            text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_folder / "text_encoder_2"))
-            state.update(clip_state_dict_to_ldm(text, "conditioner.embedders.0.transformer."))
-            state.update(open_clip_state_dict_to_ldm(text_2.state_dict(), "conditioner.embedders.1.model."))
-    return {key: tuple(value.shape) for key, value in state.items()}
-
-
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_shipped_configs_accept_full_size_checkpoints(family, monkeypatch, tmp_path):
     """Real-size checkpoint layouts (names and shapes, no weights) are recognised, checked against the shipped
@@ -323,8 +299,9 @@ def test_shipped_configs_accept_full_size_checkpoints(family, monkeypatch, tmp_p
 
     from lora_scripts.errors import ConfigError
     from lora_scripts.models import single_file
+    from lora_scripts.testing import ldm_checkpoint_shapes
 
-    shapes = _full_size_shapes(family, single_file.SHIPPED_CONFIGS[family])
+    shapes = ldm_checkpoint_shapes(single_file.SHIPPED_CONFIGS[family], family)
     marker = {"sd1": "v1", "sd2": "v2", "sdxl": "xl_base"}[family]  # the names diffusers itself detects them by
     assert CHECKPOINT_KEY_NAMES[marker] in shapes
     monkeypatch.setattr(single_file, "read_weight_shapes", lambda path: shapes)
