@@ -281,6 +281,48 @@ def test_without_base_model_config_the_shipped_configs_are_used(checkpoints, tmp
     assert components["tokenizer"].pad_token_id == 49407 and components["tokenizer_2"].pad_token_id == 0
 
 
+@pytest.mark.parametrize("name", ["sd1.safetensors", "sdxl.safetensors"])
+def test_configs_without_weights_build_the_same_modules(checkpoints, name):
+    """load_single_file_configs (for memory estimates) describes exactly the modules load_single_file returns."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from lora_scripts.models.single_file import load_single_file, load_single_file_configs
+
+    path, folder = checkpoints[name]
+    configs, loaded = load_single_file_configs(path, folder), load_single_file(path, folder)
+    assert configs["family"] == loaded["family"]
+    with torch.device("meta"):
+        built = {"unet": UNet2DConditionModel.from_config(configs["unet"]),
+                 "vae": AutoencoderKL.from_config(configs["vae"])}
+    for part in ("unet", "vae"):
+        assert {k: v.shape for k, v in built[part].state_dict().items()} == \
+            {k: v.shape for k, v in loaded[part].state_dict().items()}, part
+    for part in ("text_encoder", "text_encoder_2"):
+        if part in loaded:
+            assert configs[part].hidden_size == loaded[part].config.hidden_size
+    assert configs["scheduler"]["_class_name"] == type(loaded["scheduler"]).__name__
+
+
+def test_configs_from_an_original_yaml(checkpoints, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from lora_scripts.models import single_file
+
+    path, folder = checkpoints["sd1.safetensors"]
+    monkeypatch.setitem(single_file.SHIPPED_CONFIGS, "sd1", folder)  # text encoder configs: see the YAML load test
+    yaml_path = tmp_path / "tiny.yaml"
+    yaml_path.write_text(TINY_SD1_YAML.format(parameterization='parameterization: "v"'))
+    configs = single_file.load_single_file_configs(path, yaml_path)
+    expected = UNet2DConditionModel.load_config(folder / "unet")
+
+    def plain(value):
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    for key in ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim"):
+        assert plain(configs["unet"][key]) == plain(expected[key]), key
+    assert configs["scheduler"]["prediction_type"] == "v_prediction"
+
+
 def test_shipped_tokenizers_are_the_real_clip_tokenizer():
     from lora_scripts.models.single_file import SHIPPED_CONFIGS, _tokenizers
 

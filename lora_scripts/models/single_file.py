@@ -359,6 +359,39 @@ def load_single_file_tokenizers(path: Path | str, config: Path | str | None = No
     return _tokenizers(_config_folder(family, Path(config).expanduser() if config is not None else None), family)
 
 
+def load_single_file_configs(path: Path | str, config: Path | str | None = None) -> dict[str, Any]:
+    """The component configs of a single-file checkpoint, without loading weights (for memory estimates): ``family``,
+    ``unet`` and ``vae`` (config dicts for ``from_config``), ``text_encoder`` (and ``text_encoder_2`` for SDXL) as
+    ``CLIPTextConfig``, and ``scheduler`` (a config dict). With an original .yaml, the UNet and VAE configs are
+    derived from it by diffusers' own converters, as :func:`load_single_file` does."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (create_unet_diffusers_config_from_ldm,
+                                                     create_vae_diffusers_config_from_ldm)
+    from transformers import CLIPTextConfig
+
+    path = Path(path).expanduser()
+    family, shapes = _check(path, config)
+    config = Path(config).expanduser() if config is not None else None
+    folder = _config_folder(family, config)
+    out: dict[str, Any] = {"family": family}
+    if config is not None and _is_yaml(config):
+        original = _read_yaml(config)
+        with torch.device("meta"):  # diffusers reads shapes from the checkpoint; meta tensors carry them for free
+            checkpoint = {key: torch.empty(shape) for key, shape in shapes.items()}
+        out["unet"] = create_unet_diffusers_config_from_ldm(original, checkpoint)
+        out["vae"] = create_vae_diffusers_config_from_ldm(original, checkpoint)
+        out["scheduler"] = dict(_yaml_scheduler(family, config).config)
+    else:
+        out["unet"] = dict(UNet2DConditionModel.load_config(folder / "unet"))
+        out["vae"] = dict(AutoencoderKL.load_config(folder / "vae"))
+        out["scheduler"] = _read_json(folder / "scheduler" / "scheduler_config.json")
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in COMPONENTS[family]:
+            out[name] = CLIPTextConfig.from_pretrained(folder / name)
+    return out
+
+
 def load_single_file(path: Path | str, config: Path | str | None = None, *, torch_dtype: Any = None) -> dict[str, Any]:
     """Load a single-file SD 1.x / 2.x / SDXL checkpoint into diffusers/transformers components, offline.
 
