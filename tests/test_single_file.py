@@ -25,8 +25,8 @@ SDXL_UNET = {
 
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory) -> Path:
-    """The tiny SDXL with a wider second text encoder: real SDXL's are 768 and 1280 wide, and diffusers' single-file
-    loader tells them apart by width (two equal widths are refused, see test_sdxl_with_equal_text_widths_is_refused)."""
+    """The tiny SDXL with a wider second text encoder, like real SDXL (768 and 1280): the path diffusers' pipeline
+    loader takes for real files (equal widths: see test_sdxl_with_equal_text_widths_loads)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -438,14 +438,18 @@ def test_bad_configs_are_refused(checkpoints, tmp_path):
     assert sd2_folder.exists()
 
 
-def test_sdxl_with_equal_text_widths_is_refused(tmp_path):
-    """diffusers' single-file loader tells SDXL's encoders apart by width; equal widths (only in toy models) would
-    load the first encoder's weights into the second, so they are refused."""
+def test_sdxl_with_equal_text_widths_loads(tmp_path):
+    """diffusers' pipeline loader tells SDXL's encoders apart by width (768/1280); with equal widths (the stock tiny
+    SDXL) each encoder is built from its own tensors instead."""
+    from lora_scripts.models.single_file import load_single_file
     from lora_scripts.testing import make_tiny_sdxl_model, write_single_file_checkpoint
 
     folder = make_tiny_sdxl_model(tmp_path / "sdxl-equal")
     path = write_single_file_checkpoint(folder, tmp_path / "equal.safetensors")
-    assert "two text encoders of the same width (32)" in _error(path, folder)
+    components = load_single_file(path, folder)
+    for part in ("text_encoder", "text_encoder_2", "unet"):
+        expected, got = _load_reference(folder, part).state_dict(), components[part].state_dict()
+        assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected), part
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -109,12 +109,6 @@ def family_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path | str = "c
     if any(key.startswith("conditioner.embedders.") for key in keys):
         if any(key.startswith("conditioner.embedders.0.transformer.") for key in keys) and \
                 any(key.startswith("conditioner.embedders.1.model.") for key in keys):
-            width_1 = shapes.get(TEXT_WIDTH_KEYS["sdxl"]["text_encoder"])
-            width_2 = shapes.get(TEXT_WIDTH_KEYS["sdxl"]["text_encoder_2"])
-            if width_1 and width_2 and width_1[-1] == width_2[-1]:  # real SDXL: 768 and 1280
-                raise ConfigError(f"base_model: '{path}' has two text encoders of the same width ({width_1[-1]}), "
-                                  "which diffusers' single-file loader cannot tell apart; convert it to a diffusers "
-                                  "folder with its own tools and use that as base_model")
             return "sdxl"
         raise ConfigError(f"base_model: '{path}' is an SGM checkpoint but not SDXL base (an SDXL refiner?); only "
                           "SD 1.x, SD 2.x and SDXL base checkpoints are supported")
@@ -294,23 +288,25 @@ def _modern_clip_name(key: str) -> str:
     return key
 
 
-def _legacy_clip_text_encoder(path: Path, folder: Path, torch_dtype: Any) -> Any:
-    """The SD 1.x text encoder of a file with old CLIP names, which diffusers' single-file loader does not find:
-    its tensors renamed, then built by diffusers' own CLIP converter."""
+def _text_encoder_from(path: Path, folder: Path, name: str, prefix: str, torch_dtype: Any) -> Any:
+    """One text encoder built by diffusers' own CLIP converter from only the tensors under ``prefix`` (renamed to
+    the current CLIP names). Used where diffusers' pipeline loader picks the wrong tensors: SD 1.x files with old
+    CLIP names (no ``text_model.``), and SDXL files whose two encoders have the same width, which it tells apart by
+    width only (768 and 1280 in real SDXL; equal in toy models)."""
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys() if key.startswith(LDM_CLIP)}
+            tensors = {key: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}
     else:
-        tensors = {key: value for key, value in _torch_state_dict(path).items() if key.startswith(LDM_CLIP)}
-    renamed = {_modern_clip_name(key): value for key, value in tensors.items() if not key.endswith("position_ids")}
-    return create_diffusers_clip_model_from_ldm(CLIPTextModel, checkpoint=renamed, config=str(folder),
-                                                subfolder="text_encoder", torch_dtype=torch_dtype,
-                                                local_files_only=True)
+        tensors = {key: value for key, value in _torch_state_dict(path).items() if key.startswith(prefix)}
+    tensors = {_modern_clip_name(key): value for key, value in tensors.items() if not key.endswith("position_ids")}
+    cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+    return create_diffusers_clip_model_from_ldm(cls, checkpoint=tensors, config=str(folder), subfolder=name,
+                                                torch_dtype=torch_dtype, local_files_only=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -418,7 +414,11 @@ def load_single_file(path: Path | str, config: Path | str | None = None, *, torc
     pipeline_class = getattr(diffusers, PIPELINE_CLASSES[family])
     try:
         if family == "sd1" and not any(key.startswith(LDM_CLIP + "text_model.") for key in read_weight_shapes(path)):
-            kwargs["text_encoder"] = _legacy_clip_text_encoder(path, folder, torch_dtype)
+            kwargs["text_encoder"] = _text_encoder_from(path, folder, "text_encoder", LDM_CLIP, torch_dtype)
+        widths = [shapes.get(key, (None,))[-1] for key in TEXT_WIDTH_KEYS[family].values()]
+        if family == "sdxl" and widths[0] == widths[1]:
+            for index, name in enumerate(("text_encoder", "text_encoder_2")):
+                kwargs[name] = _text_encoder_from(path, folder, name, f"conditioner.embedders.{index}.", torch_dtype)
         pipe = pipeline_class.from_single_file(str(path), **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, SingleFileComponentError) as exc:
         where = f"with base_model_config '{config}'" if config is not None else "with the shipped configs"
