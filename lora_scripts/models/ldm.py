@@ -102,7 +102,9 @@ def _config_key(unet_config: Mapping[str, Any]) -> tuple:
 _LAYOUT_CACHE: dict[tuple, tuple[dict[str, str], dict[str, str]]] = {}
 
 
-def _cached_layout(unet_config: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+def unet_block_layout(unet_config: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """Block-level names for this UNet config: diffusers -> LDM (``down_blocks.1.attentions.0`` ->
+    ``input_blocks.4.1``) and the inverse; cached per layout."""
     key = _config_key(unet_config)
     if key not in _LAYOUT_CACHE:
         _LAYOUT_CACHE[key] = _layout(unet_config)
@@ -136,7 +138,7 @@ def unet_module_to_ldm(module_path: str, unet_config: Mapping[str, Any]) -> str:
     if found:
         head, rest = found
         return _join(_TOP_LEVEL[head], rest)
-    to_ldm, _ = _cached_layout(unet_config)
+    to_ldm, _ = unet_block_layout(unet_config)
     found = _split_prefix(module_path, to_ldm)
     if found is None:
         raise ValueError(f"'{module_path}' has no LDM counterpart in a UNet with this config")
@@ -158,7 +160,7 @@ def ldm_to_unet_module(ldm_path: str, unet_config: Mapping[str, Any]) -> str:
         if name.startswith("add_embedding") and unet_config.get("addition_embed_type") != "text_time":
             name = name.replace("add_embedding", "class_embedding")
         return _join(name, rest)
-    _, to_diffusers = _cached_layout(unet_config)
+    _, to_diffusers = unet_block_layout(unet_config)
     found = _split_prefix(ldm_path, to_diffusers)
     if found is None:
         raise ValueError(f"'{ldm_path}' has no diffusers counterpart in a UNet with this config")

@@ -1,7 +1,7 @@
 """A1111-style single-file checkpoints (``.safetensors`` / ``.ckpt``: SD 1.x, SD 2.x, SDXL) as ``base_model``.
 
-- :func:`detect_family` tells SD 1.x / 2.x / SDXL from the weights' names (a safetensors header, or a ``.ckpt`` opened
-  with ``weights_only=True`` and memory-mapped), without reading tensors.
+- :func:`detect_family` (from ``checkpoint_file``) tells SD 1.x / 2.x / SDXL from the weights' names (a safetensors
+  header, or a ``.ckpt`` opened with ``weights_only=True`` and memory-mapped), without reading tensors.
 - :func:`check_single_file` is the cheap check for ``lora-scripts check``: the file, its family and that the config
   (``base_model_config``) describes the same architecture.
 - :func:`load_single_file` loads the pipeline components through diffusers' own single-file loader
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ..errors import ConfigError
-
-Family = Literal["sd1", "sd2", "sdxl"]
+from .checkpoint_file import (LDM_CLIP, UNET, Family, detect_family, family_from_shapes, first_line,  # noqa: F401
+                              modern_clip_name, read_tensors, read_weight_shapes)
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SHIPPED_CONFIGS: dict[str, Path] = {"sd1": CONFIGS / "sd15", "sd2": CONFIGS / "sd2", "sdxl": CONFIGS / "sdxl"}
@@ -38,92 +38,6 @@ TEXT_WIDTH_KEYS = {
     "sdxl": {"text_encoder": "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
              "text_encoder_2": "conditioner.embedders.1.model.positional_embedding"},
 }
-TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-UNET = "model.diffusion_model."
-
-
-def read_weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor name in a checkpoint with its shape, without reading the tensors (a ``.ckpt`` is memory-mapped,
-    falling back to a plain weights-only load for the legacy non-zip format). Raises ConfigError if unreadable."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"base_model: '{path}' is a folder, not a single-file checkpoint; pass the .safetensors "
-                          "or .ckpt file (a diffusers folder is loaded as such)")
-    if not path.is_file():
-        raise ConfigError(f"base_model: checkpoint '{path}' not found; check the path")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ConfigError(f"base_model: '{path}' is not a readable safetensors file ({_first_line(exc)}); "
-                              "re-download or re-export it") from None
-    if path.suffix not in TORCH_SUFFIXES:
-        raise ConfigError(f"base_model: '{path}' is neither .safetensors nor .ckpt; pass a single-file checkpoint "
-                          "or a diffusers folder")
-    return {key: tuple(value.shape) for key, value in _torch_state_dict(path).items()}
-
-
-def _torch_state_dict(path: Path) -> dict[str, Any]:
-    """The tensors of a ``.ckpt``: ``weights_only`` (no code runs), memory-mapped where the format allows."""
-    import pickle
-
-    import torch
-
-    try:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        reason = _first_line(exc)
-        if "Weights only load failed" in reason:  # torch's long advice to unpickle anything; we never do
-            reason = "it holds pickled Python objects besides tensors, which are not loaded for safety"
-        raise ConfigError(f"base_model: '{path}' cannot be read as a weights-only torch checkpoint "
-                          f"({reason.split('. ')[0][:120]}); re-download it, or re-export it as .safetensors") from None
-    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise ConfigError(f"base_model: '{path}' holds a {type(data).__name__}, not a state dict of weights")
-    return {key: value for key, value in data.items() if isinstance(key, str) and hasattr(value, "shape")}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def family_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path | str = "checkpoint") -> Family:
-    """SD 1.x / 2.x / SDXL from an LDM state dict's names: the text encoders' layout tells them apart
-    (OpenAI CLIP under ``cond_stage_model.transformer``, OpenCLIP under ``cond_stage_model.model``, SDXL's two
-    under ``conditioner.embedders``)."""
-    keys = shapes.keys()
-    if not any(key.startswith(UNET) for key in keys):
-        if any(key.startswith(("lora_unet_", "lora_te", "unet.", "transformer.")) and "lora" in key for key in keys):
-            raise ConfigError(f"base_model: '{path}' is a LoRA, not a base model; put the model it was trained on "
-                              "in base_model")
-        raise ConfigError(f"base_model: '{path}' has no UNet weights (model.diffusion_model.*); it is not an "
-                          "SD 1.x/2.x/SDXL checkpoint (a VAE or another model?)")
-    if any(key.startswith("conditioner.embedders.") for key in keys):
-        if any(key.startswith("conditioner.embedders.0.transformer.") for key in keys) and \
-                any(key.startswith("conditioner.embedders.1.model.") for key in keys):
-            return "sdxl"
-        raise ConfigError(f"base_model: '{path}' is an SGM checkpoint but not SDXL base (an SDXL refiner?); only "
-                          "SD 1.x, SD 2.x and SDXL base checkpoints are supported")
-    if any(key.startswith("cond_stage_model.model.") for key in keys):
-        return "sd2"
-    if any(key.startswith("cond_stage_model.transformer.") for key in keys):
-        return "sd1"
-    raise ConfigError(f"base_model: '{path}' has UNet weights but no text encoder this loader knows "
-                      "(cond_stage_model.* for SD 1.x/2.x, conditioner.embedders.* for SDXL); use a full checkpoint")
-
-
-def detect_family(path: Path | str) -> Family:
-    """``"sd1"``, ``"sd2"`` or ``"sdxl"`` for a single-file checkpoint, from its tensor names only.
-    Raises ConfigError (one line: the file and what to do) for a missing, unreadable or unrecognised file."""
-    return family_from_shapes(read_weight_shapes(Path(path)), path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,7 +52,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"base_model_config: cannot read '{path}' ({_first_line(exc)}); fix or replace it") from None
+        raise ConfigError(f"base_model_config: cannot read '{path}' ({first_line(exc)}); fix or replace it") from None
 
 
 def _first_shape(shapes: dict[str, tuple[int, ...]], suffix: str) -> tuple[int, ...] | None:
@@ -148,7 +62,7 @@ def _first_shape(shapes: dict[str, tuple[int, ...]], suffix: str) -> tuple[int, 
 def _check_folder(folder: Path, family: Family, shapes: dict[str, tuple[int, ...]], path: Path,
                   shipped: bool = False) -> None:
     """A diffusers config folder: complete for the family, and its UNet describes these weights."""
-    from .ldm import _cached_layout
+    from .ldm import unet_block_layout
 
     name = FAMILY_NAMES[family]
     fix = (f"point base_model_config at a {name} config folder, or leave it out to use the shipped {name} "
@@ -181,7 +95,7 @@ def _check_folder(folder: Path, family: Family, shapes: dict[str, tuple[int, ...
     if has_label != (unet.get("addition_embed_type") == "text_time"):
         problems.append("addition_embed_type " + str(unet.get("addition_embed_type")))
     try:
-        _, ldm_blocks = _cached_layout(unet)
+        _, ldm_blocks = unet_block_layout(unet)
         expected = {".".join(key.split(".")[:3]) for key in ldm_blocks if key.startswith(("input_", "output_"))}
         found = {".".join(key[len(UNET):].split(".")[:3]) for key in shapes
                  if key.startswith((UNET + "input_blocks.", UNET + "output_blocks."))}
@@ -214,7 +128,7 @@ def _read_yaml(config: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(config.read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"base_model_config: cannot read '{config}' ({_first_line(exc)}); fix or replace it") from None
+        raise ConfigError(f"base_model_config: cannot read '{config}' ({first_line(exc)}); fix or replace it") from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise ConfigError(f"base_model_config: '{config}' is not an original LDM/SGM config (no 'model:' section); "
                           "pass the .yaml that came with the checkpoint or a diffusers config folder")
@@ -259,7 +173,7 @@ def check_single_file(path: Path | str, config: Path | str | None = None) -> Fam
 
 
 def _check(path: Path, config: Path | str | None) -> tuple[Family, dict[str, tuple[int, ...]]]:
-    shapes = {_modern_clip_name(key): shape for key, shape in read_weight_shapes(path).items()}
+    shapes = {modern_clip_name(key): shape for key, shape in read_weight_shapes(path).items()}
     family = family_from_shapes(shapes, path)
     if config is None:
         _check_folder(SHIPPED_CONFIGS[family], family, shapes, path, shipped=True)
@@ -278,16 +192,6 @@ def _check(path: Path, config: Path | str | None) -> tuple[Family, dict[str, tup
     return family, shapes
 
 
-LDM_CLIP = "cond_stage_model.transformer."
-
-
-def _modern_clip_name(key: str) -> str:
-    """SD 1.x files saved with transformers < 4.22 lack CLIP's ``text_model.`` level; A1111 renames them on load."""
-    if key.startswith(LDM_CLIP) and not key.startswith(LDM_CLIP + "text_model."):
-        return LDM_CLIP + "text_model." + key[len(LDM_CLIP):]
-    return key
-
-
 def _text_encoder_from(path: Path, folder: Path, name: str, prefix: str, torch_dtype: Any) -> Any:
     """One text encoder built by diffusers' own CLIP converter from only the tensors under ``prefix`` (renamed to
     the current CLIP names). Used where diffusers' pipeline loader picks the wrong tensors: SD 1.x files with old
@@ -296,14 +200,8 @@ def _text_encoder_from(path: Path, folder: Path, name: str, prefix: str, torch_d
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}
-    else:
-        tensors = {key: value for key, value in _torch_state_dict(path).items() if key.startswith(prefix)}
-    tensors = {_modern_clip_name(key): value for key, value in tensors.items() if not key.endswith("position_ids")}
+    tensors = {modern_clip_name(key): value for key, value in read_tensors(path, prefix).items()
+               if not key.endswith("position_ids")}
     cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
     return create_diffusers_clip_model_from_ldm(cls, checkpoint=tensors, config=str(folder), subfolder=name,
                                                 torch_dtype=torch_dtype, local_files_only=True)
@@ -423,7 +321,7 @@ def load_single_file(path: Path | str, config: Path | str | None = None, *, torc
     except (OSError, ValueError, RuntimeError, KeyError, SingleFileComponentError) as exc:
         where = f"with base_model_config '{config}'" if config is not None else "with the shipped configs"
         raise ConfigError(f"base_model: '{path}' could not be loaded as {FAMILY_NAMES[family]} {where} "
-                          f"({_first_line(exc)}); pass a base_model_config that matches the checkpoint") from None
+                          f"({first_line(exc)}); pass a base_model_config that matches the checkpoint") from None
     components = {name: getattr(pipe, name) for name in COMPONENTS[family]}
     components["family"] = family
     return components
