@@ -348,6 +348,8 @@ def test_shipped_configs_accept_full_size_checkpoints(family, monkeypatch, tmp_p
     assert CHECKPOINT_KEY_NAMES[marker] in shapes
     monkeypatch.setattr(single_file, "read_weight_shapes", lambda path: shapes)
     assert single_file.check_single_file(tmp_path / "model.safetensors") == family
+    configs = single_file.load_single_file_configs(tmp_path / "model.safetensors")
+    assert configs["unet"]["cross_attention_dim"] == {"sd1": 768, "sd2": 1024, "sdxl": 2048}[family]
     other = {"sd1": "sdxl", "sd2": "sd1", "sdxl": "sd1"}[family]
     with pytest.raises(ConfigError, match="base_model_config: .* (is a|does not describe)") as err:
         single_file.check_single_file(tmp_path / "model.safetensors", single_file.SHIPPED_CONFIGS[other])
