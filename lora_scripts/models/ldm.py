@@ -54,7 +54,7 @@ def _layers_per_block(unet_config: Mapping[str, Any]) -> list[int]:
 
 
 def _has_attention(block_type: str) -> bool:
-    return "CrossAttn" in block_type or "Attn" in block_type.removeprefix("Simple")
+    return "Attn" in block_type  # CrossAttnDownBlock2D, CrossAttnUpBlock2D (SD); not DownBlock2D / UpBlock2D
 
 
 def _layout(unet_config: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
