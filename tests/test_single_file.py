@@ -323,6 +323,17 @@ def test_configs_from_an_original_yaml(checkpoints, tmp_path, monkeypatch):
     assert configs["scheduler"]["prediction_type"] == "v_prediction"
 
 
+@pytest.mark.parametrize("scaling, prediction", [("VScaling", "v_prediction"), ("EpsScaling", "epsilon")])
+def test_sgm_yaml_prediction_type(tmp_path, scaling, prediction):
+    """SDXL (SGM) YAMLs say v-prediction through the denoiser's scaling, not `parameterization`."""
+    from lora_scripts.models.single_file import _yaml_scheduler
+
+    path = tmp_path / "sd_xl.yaml"
+    path.write_text("model:\n  params:\n    denoiser_config:\n      params:\n        scaling_config:\n"
+                    f"          target: sgm.modules.diffusionmodules.denoiser_scaling.{scaling}\n")
+    assert _yaml_scheduler("sdxl", path).config.prediction_type == prediction
+
+
 def test_shipped_tokenizers_are_the_real_clip_tokenizer():
     from lora_scripts.models.single_file import SHIPPED_CONFIGS, _tokenizers
 

@@ -229,13 +229,16 @@ def _tokenizers(folder: Path, family: Family) -> dict[str, Any]:
 
 
 def _yaml_scheduler(family: Family, yaml_config: Path) -> Any:
-    """The shipped scheduler with the YAML's parameterization (``v`` -> v_prediction, else epsilon)."""
+    """The shipped scheduler with the YAML's prediction type (v_prediction or epsilon)."""
     import diffusers
 
     folder = SHIPPED_CONFIGS[family] / "scheduler"
     config = _read_json(folder / "scheduler_config.json")
     params = _read_yaml(yaml_config)["model"].get("params") or {}
-    prediction = "v_prediction" if params.get("parameterization") == "v" else "epsilon"
+    # LDM (SD 1.x/2.x) says `parameterization: "v"`; SGM (SDXL) names a VScaling in its denoiser config
+    scaling = (((params.get("denoiser_config") or {}).get("params") or {}).get("scaling_config") or {}).get("target", "")
+    v_prediction = params.get("parameterization") == "v" or str(scaling).endswith("VScaling")
+    prediction = "v_prediction" if v_prediction else "epsilon"
     return getattr(diffusers, config["_class_name"]).from_config(config, prediction_type=prediction)
 
 
