@@ -62,6 +62,12 @@ class TrainConfig(_Strict):
     base_model: str = Field(
         ..., description="Base model: a diffusers folder or hub id (image), a transformers causal-LM folder or hub id (text)."
     )
+    base_model_config: Path | None = Field(
+        None, description="image, when base_model is a single-file .safetensors/.ckpt: a local diffusers config "
+        "folder (model_index.json + component configs) or the checkpoint's original LDM .yaml. Default: the SD 1.5, "
+        "SD 2.1 (768, v-prediction) or SDXL configs shipped with lora-scripts, picked from the weights; never "
+        "downloaded."
+    )
     lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank (network dim).")
     batch_size: int = Field(1, ge=1, description="Samples per device per micro-batch.")
     epochs: int = Field(1, ge=1, description="Passes over the data (ignored when max_train_steps is set).")

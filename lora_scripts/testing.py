@@ -166,6 +166,96 @@ def make_tiny_sdxl_model(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def write_single_file_checkpoint(model_dir: Path, path: Path, family: str | None = None) -> Path:
+    """Write a diffusers SD 1.x / 2.x / SDXL folder (e.g. a tiny model above) as one A1111-style checkpoint: all
+    components in the original LDM/SGM layout, ``.safetensors`` or ``.ckpt`` (``torch.save({"state_dict": ...})``).
+
+    ``family`` (``sd1``/``sd2``/``sdxl``) defaults to: ``sdxl`` with a second text encoder, ``sd2`` when the text
+    encoder is OpenCLIP-like (``hidden_act: gelu``), else ``sd1``. Test tool: an SD 2.x file written from diffusers
+    lacks the OpenCLIP layer and ``text_projection`` that diffusers drops, which A1111 does not need for SD 2.x.
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from .models.ldm import (clip_state_dict_to_ldm, open_clip_state_dict_to_ldm, unet_state_dict_to_ldm,
+                             vae_state_dict_to_ldm)
+
+    model_dir, path = Path(model_dir), Path(path)
+    if family is None:
+        text_config = json.loads((model_dir / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+        family = ("sdxl" if (model_dir / "text_encoder_2").is_dir()
+                  else "sd2" if text_config.get("hidden_act") == "gelu" else "sd1")
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae")
+    state = unet_state_dict_to_ldm(unet.state_dict(), unet.config)
+    state.update(vae_state_dict_to_ldm(vae.state_dict(), vae.config))
+    text = CLIPTextModel.from_pretrained(model_dir / "text_encoder").state_dict()
+    if family == "sd1":
+        state.update(clip_state_dict_to_ldm(text, "cond_stage_model.transformer."))
+    elif family == "sd2":
+        state.update(open_clip_state_dict_to_ldm(text, "cond_stage_model.model."))
+    else:
+        text_2 = CLIPTextModelWithProjection.from_pretrained(model_dir / "text_encoder_2").state_dict()
+        state.update(clip_state_dict_to_ldm(text, "conditioner.embedders.0.transformer."))
+        state.update(open_clip_state_dict_to_ldm(text_2, "conditioner.embedders.1.model."))
+    state = {key: value.detach().contiguous() for key, value in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    return path
+
+
+def ldm_checkpoint_shapes(config_folder: Path, family: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of the single-file checkpoint a diffusers config folder describes, from models built
+    on the meta device: a full-size SDXL layout in seconds, without memory or weights."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .models.ldm import (clip_state_dict_to_ldm, open_clip_state_dict_to_ldm, unet_state_dict_to_ldm,
+                             vae_state_dict_to_ldm)
+
+    config_folder = Path(config_folder)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_folder / "vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(config_folder / "text_encoder")).state_dict()
+        state = {**unet_state_dict_to_ldm(unet.state_dict(), unet.config),
+                 **vae_state_dict_to_ldm(vae.state_dict(), vae.config)}
+        if family == "sd1":
+            state.update(clip_state_dict_to_ldm(text, "cond_stage_model.transformer."))
+        elif family == "sd2":
+            state.update(open_clip_state_dict_to_ldm(text, "cond_stage_model.model."))
+        else:
+            text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_folder / "text_encoder_2"))
+            state.update(clip_state_dict_to_ldm(text, "conditioner.embedders.0.transformer."))
+            state.update(open_clip_state_dict_to_ldm(text_2.state_dict(), "conditioner.embedders.1.model."))
+    return {key: tuple(value.shape) for key, value in state.items()}
+
+
+def write_zero_safetensors(shapes: dict[str, tuple[int, ...]], path: Path) -> Path:
+    """A float16 safetensors file of all-zero tensors written as a sparse file: a full-size checkpoint that takes
+    neither disk nor memory (its pages are read as zeros), to exercise loaders at real size."""
+    import struct
+
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        size = 2 * int(np.prod(shape, dtype=np.int64))
+        header[key] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        fh.truncate(8 + len(raw) + offset)
+    return Path(path)
+
+
 def make_captioned_images(folder: Path, count: int = 8, size: int = 48, seed: int = 0) -> Path:
     """Synthetic captioned images (coloured shapes on a light background) plus ``metadata.csv``.
 

@@ -1,0 +1,2 @@
+"""Model formats beyond diffusers folders: the original LDM/SGM naming (``ldm``), reading single-file checkpoints
+safely (``checkpoint_file``) and loading A1111-style single files as pipeline components (``single_file``)."""
