@@ -124,11 +124,11 @@ def test_base_model_folder_that_is_not_diffusers(write_config, tmp_path, capsys)
     assert_one_line_error(code, err, "not a diffusers Stable Diffusion folder")
 
 
-def test_single_file_checkpoint_explains_conversion(write_config, tmp_path, capsys):
+def test_broken_single_file_checkpoint(write_config, tmp_path, capsys):
     ckpt = tmp_path / "v1-5-pruned.safetensors"
     ckpt.write_bytes(b"\0" * 16)
     code, err = run_train(write_config(base_model=str(ckpt)), capsys)
-    assert_one_line_error(code, err, "single-file checkpoint", "from_single_file")
+    assert_one_line_error(code, err, "v1-5-pruned.safetensors")
 
 
 def test_fp16_on_cpu(write_config, capsys):

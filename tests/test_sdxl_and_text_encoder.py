@@ -170,3 +170,24 @@ def test_qlora_refuses_without_cuda(tmp_path):
     proc = run_cli("train", "--config", str(config))
     assert proc.returncode == 2 and "quantization: 4bit (QLoRA) needs a CUDA GPU" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_single_file_base_model_trains_like_its_diffusers_folder(family, tiny_sd, tiny_sdxl, tmp_path):
+    """base_model: an A1111-style .safetensors (+ base_model_config) gives the same LoRA as the diffusers folder,
+    through the real CLI, offline."""
+    from lora_scripts.testing import write_single_file_checkpoint
+
+    from .helpers import run_cli
+
+    folder = tiny_sdxl if family == "sdxl" else tiny_sd
+    ckpt = write_single_file_checkpoint(folder, tmp_path / f"tiny-{family}.safetensors")
+    data = make_captioned_images(tmp_path / "data", count=4)
+    for name, extra in (("folder", {}), ("file", {"base_model": str(ckpt), "base_model_config": str(folder)})):
+        raw = {**tiny_image_config(folder, data, tmp_path / name, max_train_steps=2, output_name="lora"), **extra}
+        (tmp_path / f"{name}.yaml").write_text(__import__("yaml").safe_dump(raw))
+        proc = run_cli("train", "--config", str(tmp_path / f"{name}.yaml"), "--no-progress")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_tensors(tmp_path / "folder/lora.safetensors", tmp_path / "file/lora.safetensors")
+    proc = run_cli("check", "--config", str(tmp_path / "file.yaml"))
+    assert proc.returncode == 0, proc.stderr

@@ -103,26 +103,21 @@ class ImageCaches:
         return entry_key("text", prompt, self.text_fingerprint)
 
 
+def is_single_file(base_model: str) -> bool:
+    """An A1111-style checkpoint file (rather than a diffusers folder or hub id)?"""
+    return Path(base_model).expanduser().is_file() or base_model.endswith(SINGLE_FILE_SUFFIXES)
+
+
 def check_diffusers_model_path(base_model: str) -> Path | None:
     """Return the local folder for ``base_model``, None for a hub id, or raise ConfigError."""
     path = Path(base_model).expanduser()
-    if path.exists():
-        if path.is_file():
-            if path.suffix in SINGLE_FILE_SUFFIXES:
-                raise ConfigError(
-                    f"base_model: '{base_model}' is a single-file checkpoint; this version loads diffusers-format "
-                    "folders (with model_index.json) or hub ids. Convert it with diffusers' "
-                    "StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR) and point base_model at DIR"
-                )
-            raise ConfigError(f"base_model: '{base_model}' is a file, not a diffusers model folder")
+    if path.is_dir():
         if not (path / "unet" / "config.json").is_file():
             raise ConfigError(
                 f"base_model: '{base_model}' is not a diffusers Stable Diffusion folder (no unet/config.json); "
-                "expected the layout written by StableDiffusionPipeline.save_pretrained"
+                "expected the layout written by StableDiffusionPipeline.save_pretrained, or a single-file checkpoint"
             )
         return path
-    if base_model.endswith(SINGLE_FILE_SUFFIXES):
-        raise ConfigError(f"base_model not found: '{base_model}' (no such checkpoint file)")
     require_hub_id(base_model)
     return None
 
@@ -164,6 +159,14 @@ class ImageTask(Task):
         if cfg.cache_text_embeddings and cfg.train_text_encoder:
             raise ConfigError("cache_text_embeddings: a trained text encoder changes its embeddings every step; turn "
                               "off cache_text_embeddings or train_text_encoder")
+        if is_single_file(cfg.base_model):
+            from ..models.single_file import check_single_file
+
+            self._set_family(check_single_file(cfg.base_model, cfg.base_model_config))
+            return
+        if cfg.base_model_config is not None:
+            raise ConfigError("base_model_config: only for a single-file base_model (.safetensors/.ckpt); a diffusers "
+                              "folder or hub id has its own configs, remove base_model_config")
         folder = check_diffusers_model_path(cfg.base_model)
         if folder is not None:
             self._set_family(family_of_folder(folder))
@@ -178,13 +181,17 @@ class ImageTask(Task):
         """The full data check (no model loaded; the tokenizer only, when it is a local folder, to count tokens)."""
         from ..data.check import check_images
 
+        cfg = self.cfg
         tokenizer = None
-        local = Path(self.cfg.base_model).expanduser() / "tokenizer"
-        if (local / "vocab.json").is_file():
+        local = Path(cfg.base_model).expanduser() / "tokenizer"
+        if is_single_file(cfg.base_model):
+            from ..models.single_file import load_single_file_tokenizers
+
+            tokenizer = load_single_file_tokenizers(cfg.base_model, cfg.base_model_config)["tokenizer"]
+        elif (local / "vocab.json").is_file():
             from transformers import CLIPTokenizer
 
             tokenizer = CLIPTokenizer.from_pretrained(local)
-        cfg = self.cfg
         return check_images(cfg.train_data_dir, cfg.metadata_path, cfg.resolution, cfg.caption_source,
                             max_caption_tokens=tokenizer.model_max_length if tokenizer else None, tokenizer=tokenizer)
 
@@ -223,6 +230,17 @@ class ImageTask(Task):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         base = self.cfg.base_model
+        if is_single_file(base):
+            from ..models.single_file import load_single_file
+
+            parts = load_single_file(base, self.cfg.base_model_config)
+            names = ["", "_2"] if parts["family"] == SDXL else [""]
+            return dict(
+                family=parts["family"], unet=parts["unet"], vae=parts["vae"],
+                scheduler=DDPMScheduler.from_config(parts["scheduler"].config),
+                text_encoders=[parts[f"text_encoder{n}"] for n in names],
+                tokenizers=[parts[f"tokenizer{n}"] for n in names],
+            )
         try:
             unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
             family = family_from_configs(dict(unet.config))
@@ -335,19 +353,29 @@ class ImageTask(Task):
 
         cfg, base = self.cfg, self.cfg.base_model
         try:
-            unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
-            family = family_from_configs(dict(unet_config))
-            names = ["text_encoder", "text_encoder_2"] if family == SDXL else ["text_encoder"]
-            te_configs = [CLIPTextConfig.from_pretrained(base, subfolder=name) for name in names]
-            with torch.device("meta"):
-                unet = UNet2DConditionModel.from_config(unet_config)
-                vae = AutoencoderKL.from_config(AutoencoderKL.load_config(base, subfolder="vae"))
-                text_encoders = [CLIPTextModel(te_configs[0])]
-                if family == SDXL:
-                    text_encoders.append(CLIPTextModelWithProjection(te_configs[1]))
-            self.noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+            if is_single_file(base):
+                from ..models.single_file import load_single_file_configs
+
+                configs = load_single_file_configs(base, cfg.base_model_config)
+                unet_config, vae_config = configs["unet"], configs["vae"]
+                te_configs = [configs[n] for n in ("text_encoder", "text_encoder_2") if n in configs]
+                self.noise_scheduler = DDPMScheduler.from_config(configs["scheduler"])
+            else:
+                unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
+                vae_config = AutoencoderKL.load_config(base, subfolder="vae")
+                names = ["text_encoder", "text_encoder_2"] if family_from_configs(dict(unet_config)) == SDXL else [
+                    "text_encoder"]
+                te_configs = [CLIPTextConfig.from_pretrained(base, subfolder=name) for name in names]
+                self.noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
         except (OSError, ValueError) as exc:
             raise ConfigError(f"base_model: could not read the configs of '{base}': {str(exc).splitlines()[0]}") from None
+        family = family_from_configs(dict(unet_config))
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(unet_config)
+            vae = AutoencoderKL.from_config(vae_config)
+            text_encoders = [CLIPTextModel(te_configs[0])]
+            if family == SDXL:
+                text_encoders.append(CLIPTextModelWithProjection(te_configs[1]))
         self._set_family(family)
         for module in (unet, vae, *text_encoders):
             module.requires_grad_(False)
