@@ -109,7 +109,7 @@ def test_truncated_image(write_config, image_data, capsys):
     "base, fragment",
     [
         ("./models/missing-model", "base_model not found"),
-        ("./models/v1-5-pruned.safetensors", "base_model not found"),
+        ("./models/v1-5-pruned.safetensors", "not found; check the path"),
         ("/abs/path/to/model", "base_model not found"),
     ],
 )
