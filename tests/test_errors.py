@@ -115,7 +115,7 @@ def test_truncated_image(write_config, image_data, capsys):
 )
 def test_missing_base_model(write_config, capsys, base, fragment):
     code, err = run_train(write_config(base_model=base), capsys)
-    assert_one_line_error(code, err, fragment, base)
+    assert_one_line_error(code, err, fragment, base.removeprefix("./"))
 
 
 def test_base_model_folder_that_is_not_diffusers(write_config, tmp_path, capsys):
