@@ -22,7 +22,7 @@ from lora_scripts.export.load import apply_network_weights, load_network_weights
 
 RANK, ALPHA, CONV_RANK, CONV_ALPHA = 4, 2.0, 2, 1.0
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]  # what sd-scripts trains
 LOCON = ["conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv"]
 TOLERANCE = 1e-4
 
@@ -226,7 +226,7 @@ def test_every_exported_key_is_one_a1111_and_comfyui_load(models, tmp_path, fami
     parts = {"unet": pipe.unet}
     for name, module in text_encoders(pipe).items():
         module.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, use_dora=True,
-                                      target_modules=TE_TARGETS + ["fc1", "fc2"]))
+                                      target_modules=TE_TARGETS))
         parts[name] = module
     tensors = load_file(str(export(parts, family, "dora", tmp_path / "all.safetensors")))
 
@@ -282,12 +282,13 @@ def test_kohya_metadata_records_network_args_and_sdxl_version(models, tmp_path):
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 @pytest.mark.parametrize("variant", ["alpha", "rslora", "dora", "locon"])
 def test_kohya_round_trip_gives_back_the_same_peft_tensors(models, tmp_path, family, variant):
+    targets_kwargs = {"unet_targets": UNET_TARGETS + LOCON} if variant == "dora" else {}  # DoRA on convs too
     trained = load_pipe(models, family)
-    parts = add_adapters(trained, variant)
+    parts = add_adapters(trained, variant, **targets_kwargs)
     path = export(parts, family, variant, tmp_path / "lora.safetensors")
 
     fresh = load_pipe(models, family)
-    targets = add_adapters(fresh, variant, randomize=False)
+    targets = add_adapters(fresh, variant, randomize=False, **targets_kwargs)
     states = load_network_weights(path, targets, family=family)
     for name, module in parts.items():
         original = get_peft_model_state_dict(module)
@@ -346,7 +347,7 @@ def sd_scripts_sd15_file(pipe, path, rank=RANK, alpha=1.0, seed=3):
             tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=gen) * 0.3
             tensors[f"{key}.alpha"] = torch.tensor(alpha)
     for name, module in pipe.text_encoder.named_modules():
-        if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj")):
+        if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")):
             key = "lora_te_text_model_" + name.removeprefix("text_model.").replace(".", "_")
             tensors[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=gen) * 0.3
             tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=gen) * 0.3
