@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_scripts.errors import ConfigError
 from lora_scripts.export.kohya import (base_model_version, kohya_metadata, kohya_network_args, kohya_state_dict,
-                                       write_kohya_lora)
+                                       model_family, write_kohya_lora)
 from lora_scripts.export.load import apply_network_weights, load_network_weights
 
 RANK, ALPHA, CONV_RANK, CONV_ALPHA = 4, 2.0, 2, 1.0
@@ -264,6 +264,7 @@ def test_kohya_metadata_records_network_args_and_sdxl_version(models, tmp_path):
     with safe_open(str(path), "pt") as handle:
         meta = handle.metadata()
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
+    assert model_family(pipe.unet.config) == "sdxl" and model_family(load_pipe(models, "sd1").unet.config) == "sd1"
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
     assert json.loads(kohya_metadata(network_dim=4, network_alpha=4, base_model_version="sd_v1", base_model="m",
                                      output_name="o", training_started_at=0, training_finished_at=0, steps=0, epoch=0,

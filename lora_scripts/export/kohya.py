@@ -13,8 +13,10 @@ Key layout, as sd-scripts writes it (and A1111's ``extensions-builtin/Lora`` and
   ``lora_te2_text_model_<...>`` (OpenCLIP-G).
 - Per module: ``.lora_down.weight`` (peft ``lora_A``), ``.lora_up.weight`` (``lora_B``), ``.alpha`` (the true alpha:
   a 3x3-conv LoCon module gets ``conv_alpha``), and for DoRA ``.dora_scale``, peft's ``lora_magnitude_vector`` in the
-  LyCORIS ``wd_on_out`` layout: ``(out, 1)`` for linear layers, ``(out, 1, 1, 1)`` for convs. ComfyUI reads the axis from
-  ``dora_scale.shape[0] == out``; diffusers' SD/SDXL loaders drop ``dora_scale`` keys (with a warning).
+  LyCORIS ``wd_on_output`` layout (its default): ``(out, 1)`` for linear layers, ``(out, 1, 1, 1)`` for convs. peft's
+  DoRA normalises per output channel, so this is the only layout that holds it exactly. Consumers: ComfyUI (recent)
+  reads the axis from ``dora_scale.shape[0] == out``; A1111's Lora extension only knows the input axis ``(1, in)``
+  (true of LyCORIS's default DoRA files too); diffusers' SD/SDXL loaders drop ``dora_scale`` keys with a warning.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ _PEFT_SUFFIXES = {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_
 def _check_family(family: str) -> None:
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+
+
+def model_family(unet_config: Mapping[str, Any]) -> str:
+    """``sdxl`` (UNet with ``text_time`` added conditioning), ``sd2`` (1024-wide cross-attention) or ``sd1``."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd2" if unet_config.get("cross_attention_dim") == 1024 else "sd1"
 
 
 def text_encoder_path(module_path: str) -> str:
@@ -151,7 +160,8 @@ def base_model_version(family: str, v_prediction: bool = False) -> str:
 
 
 def peft_to_kohya(state_dict: Mapping[str, torch.Tensor], prefix: str, alpha: float) -> dict[str, torch.Tensor]:
-    """Rename a PEFT LoRA state dict (``<module>.lora_A.weight``) to kohya keys with the true ``alpha``."""
+    """Rename a PEFT LoRA state dict (``<module>.lora_A.weight``) to kohya keys with the true ``alpha`` (one part,
+    diffusers paths: the SD 1.x UNet; :func:`kohya_state_dict` covers every part, SDXL names and variants)."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         module, sep, kind = key.rpartition(".lora_")

@@ -123,21 +123,12 @@ def _run_targets(module: torch.nn.Module, adapter_name: str) -> dict[str, _Targe
     for key, tensor in state.items():
         name, kind = split_peft_key(key)
         if name not in targets:
-            layer_path = name.removeprefix("base_model.model.") if not _has_submodule(module, name) else name
-            targets[name] = _Target(layer=module.get_submodule(layer_path), adapter=adapter_name, keys={}, shapes={})
+            targets[name] = _Target(layer=module.get_submodule(name), adapter=adapter_name, keys={}, shapes={})
         targets[name].keys[kind] = key
         targets[name].shapes[kind] = tensor.shape
     if not targets:
         raise ValueError(f"{type(module).__name__} carries no adapter named {adapter_name!r}; add it first")
     return targets
-
-
-def _has_submodule(module: torch.nn.Module, name: str) -> bool:
-    try:
-        module.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
