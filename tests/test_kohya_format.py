@@ -395,7 +395,8 @@ def test_network_weights_mismatches_are_one_line_config_errors(models, tmp_path)
     message = attempt(rank=8)
     assert "rank 4" in message and "lora_rank 8" in message
     assert "has no weights for" in attempt(unet_targets=UNET_TARGETS + ["proj_in"])
-    assert "does not train" in attempt(unet_targets=["to_q"])
+    message = attempt(unet_targets=["to_q"])
+    assert "does not train" in message and "target_modules needs to_k, to_v, to_out.0" in message
     assert "use_dora: false" in attempt(variant="dora")
     (tmp_path / "broken.safetensors").write_bytes(b"\x00not a safetensors file")
     assert "cannot read" in attempt(path=tmp_path / "broken.safetensors")

@@ -348,9 +348,10 @@ def _to_peft(path: Path, found: Mapping[str, Mapping[str, _Found]],
     extra = [entry.name for part, entries in found.items() for module, entry in entries.items()
              if part not in targets or module not in targets[part]]
     if extra:
+        hint = _target_hint(extra)
         raise ConfigError(f"network_weights: '{path}' has LoRA weights for {len(extra)} modules this run does not "
                           f"train (e.g. {', '.join(sorted(extra)[:_SHOW])}); match target_modules, conv_rank and the "
-                          "text-encoder training to the file")
+                          f"text-encoder training to the file{hint}")
     missing = [f"{part}.{module}" for part, modules in targets.items() for module in modules
                if module not in found.get(part, {})]
     if missing:
@@ -365,6 +366,34 @@ def _to_peft(path: Path, found: Mapping[str, Mapping[str, _Found]],
             state.update(_module_state(path, part, module, entry, target))
         out[part] = state
     return out
+
+
+# Module-name endings (kohya spelling, then peft spelling) -> what to set so a run trains them. sd-scripts trains
+# every Linear/1x1 conv of the UNet's transformer blocks, and with conv_dim also the ResNet blocks' time_emb_proj and
+# conv_shortcut at network_dim; its text-encoder LoRA covers attention and MLP.
+_TARGET_HINTS = [
+    (("_proj_in", ".proj_in"), "proj_in"), (("_proj_out", ".proj_out"), "proj_out"),
+    (("_ff_net_0_proj", ".ff.net.0.proj"), "ff.net.0.proj"), (("_ff_net_2", ".ff.net.2"), "ff.net.2"),
+    (("_time_emb_proj", "_emb_layers_1", ".time_emb_proj"), "time_emb_proj"),
+    (("_conv_shortcut", "_skip_connection", ".conv_shortcut"), "conv_shortcut"),
+    (("_to_q", ".to_q"), "to_q"), (("_to_k", ".to_k"), "to_k"), (("_to_v", ".to_v"), "to_v"),
+    (("_to_out_0", ".to_out.0"), "to_out.0"),
+    (("_conv1", "_conv2", "_in_layers_2", "_out_layers_3", "_op", "_downsamplers_0_conv", "_upsamplers_0_conv",
+      "_2_conv", "_1_conv", ".conv1", ".conv2", ".conv"), "conv_rank"),
+    (("_q_proj", "_k_proj", "_v_proj", "_out_proj", "_fc1", "_fc2", ".q_proj", ".k_proj", ".v_proj", ".out_proj",
+      ".fc1", ".fc2"), "text encoder"),
+]
+
+
+def _target_hint(names: list[str]) -> str:
+    wanted = []
+    for endings, what in _TARGET_HINTS:
+        if what not in wanted and any(name.endswith(endings) for name in names):
+            wanted.append(what)
+    targets = [w for w in wanted if w not in ("conv_rank", "text encoder")]
+    parts = [f"target_modules needs {', '.join(targets)}"] if targets else []
+    parts += [f"the file has {w} modules" for w in wanted if w in ("conv_rank", "text encoder")]
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _module_state(path: Path, part: str, module: str, entry: _Found, target: _Target) -> dict[str, torch.Tensor]:
