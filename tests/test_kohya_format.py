@@ -300,20 +300,23 @@ def test_kohya_round_trip_gives_back_the_same_peft_tensors(models, tmp_path, fam
     assert max_diff(outputs(fresh), outputs(trained)) <= TOLERANCE
 
 
-def test_diffusers_and_peft_files_import_as_the_same_lora(models, tmp_path):
+@pytest.mark.parametrize("variant", ["locon", "dora"])
+def test_diffusers_and_peft_files_import_as_the_same_lora(models, tmp_path, variant):
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
     trained = load_pipe(models, "sd1")
-    parts = add_adapters(trained, "locon")
+    parts = add_adapters(trained, variant)
     states = {name: get_peft_model_state_dict(module) for name, module in parts.items()}
-    meta = {"r": RANK, "lora_alpha": ALPHA, "rank_pattern": {k: CONV_RANK for k in LOCON},
-            "alpha_pattern": {k: CONV_ALPHA for k in LOCON}}
+    meta = {"r": RANK, "lora_alpha": ALPHA, "use_dora": variant == "dora"}
+    if variant == "locon":
+        meta.update(rank_pattern={k: CONV_RANK for k in LOCON}, alpha_pattern={k: CONV_ALPHA for k in LOCON})
     StableDiffusionPipeline.save_lora_weights(
         tmp_path / "diffusers", unet_lora_layers=convert_state_dict_to_diffusers(states["unet"]),
         text_encoder_lora_layers=convert_state_dict_to_diffusers(states["text_encoder"]),
         unet_lora_adapter_metadata={**meta, "target_modules": UNET_TARGETS + LOCON},
-        text_encoder_lora_adapter_metadata={"r": RANK, "lora_alpha": ALPHA, "target_modules": TE_TARGETS},
+        text_encoder_lora_adapter_metadata={"r": RANK, "lora_alpha": ALPHA, "use_dora": variant == "dora",
+                                            "target_modules": TE_TARGETS},
     )
     for name, module in parts.items():  # PEFT's own folder layout: adapter_config.json + adapter_model.safetensors
         folder = tmp_path / "peft" / name
@@ -324,14 +327,14 @@ def test_diffusers_and_peft_files_import_as_the_same_lora(models, tmp_path):
     for source in (tmp_path / "diffusers", tmp_path / "diffusers" / "pytorch_lora_weights.safetensors",
                    tmp_path / "peft"):
         fresh = load_pipe(models, "sd1")
-        back = load_network_weights(source, add_adapters(fresh, "locon", randomize=False), family="sd1")
+        back = load_network_weights(source, add_adapters(fresh, variant, randomize=False), family="sd1")
         for name in states:
             assert back[name].keys() == states[name].keys(), source
             for key in states[name]:
                 torch.testing.assert_close(back[name][key], states[name][key], rtol=0, atol=1e-6, msg=key)
     # a single PEFT adapter folder goes to the part whose modules it names
     fresh = load_pipe(models, "sd1")
-    unet_only = {"unet": add_adapters(fresh, "locon", randomize=False)["unet"]}
+    unet_only = {"unet": add_adapters(fresh, variant, randomize=False)["unet"]}
     back = load_network_weights(tmp_path / "peft" / "unet", unet_only, family="sd1")
     assert back["unet"].keys() == states["unet"].keys()
 
