@@ -164,13 +164,10 @@ def peft_to_kohya(state_dict: Mapping[str, torch.Tensor], prefix: str, alpha: fl
     diffusers paths: the SD 1.x UNet; :func:`kohya_state_dict` covers every part, SDXL names and variants)."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
-        module, sep, kind = key.rpartition(".lora_")
-        if not sep or kind not in ("A.weight", "B.weight"):
-            raise ValueError(f"not a PEFT LoRA key: {key}")
+        module, kind = split_peft_key(key)
         base = f"{prefix}_{module.replace('.', '_')}"
-        out[f"{base}.lora_down.weight" if kind == "A.weight" else f"{base}.lora_up.weight"] = (
-            tensor.detach().to("cpu").contiguous()
-        )
+        tensor = tensor.detach().to("cpu").contiguous()
+        out[f"{base}.{kind}"] = kohya_dora_scale(tensor) if kind == "dora_scale" else tensor
         out[f"{base}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return out
 
