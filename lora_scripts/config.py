@@ -90,6 +90,17 @@ class TrainConfig(_Strict):
     network_weights: Path | None = Field(
         None, description="Start from an existing LoRA (text: a PEFT adapter folder) instead of a fresh one."
     )
+    use_dora: bool = Field(
+        False, description="DoRA (weight-decomposed LoRA): also train a per-output-channel magnitude; exported with "
+        "kohya/LyCORIS `dora_scale` keys (ComfyUI loads them; diffusers' SD loaders drop them)."
+    )
+    conv_rank: int | None = Field(
+        None, ge=1, le=1024, description="image: LoCon: also put LoRA of this rank on the UNet's ResNet 3x3 convs "
+        "(resnets' conv1/conv2, down/upsampler convs), like kohya's conv_dim. Null: attention only."
+    )
+    conv_alpha: float | None = Field(
+        None, gt=0, description="image: alpha of the conv LoRA (kohya's conv_alpha). Default: conv_rank."
+    )
 
     # --- text task -----------------------------------------------------------------------------------------------
     data_format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = Field(
@@ -213,6 +224,15 @@ class TrainConfig(_Strict):
                              "set one of them")
         if self.output_name is None:
             object.__setattr__(self, "output_name", self.output_dir.resolve().name or "lora")
+        return self
+
+    @model_validator(mode="after")
+    def _network_variant(self) -> "TrainConfig":
+        if self.conv_alpha is not None and self.conv_rank is None:
+            raise ValueError("conv_alpha is set but conv_rank is not; set conv_rank (the rank of the conv LoRA) too, "
+                             "or remove conv_alpha")
+        if self.conv_rank is not None and self.task != "image":
+            raise ValueError("conv_rank (LoCon) is for the image task's UNet convs; remove it for task: text")
         return self
 
     @property
