@@ -16,8 +16,8 @@ from .helpers import assert_same_tensors
 
 def _train(model, tmp, **overrides) -> Trainer:
     data = make_captioned_images(tmp / "data", count=4)
-    cfg = build_config(tiny_image_config(model, data, tmp / "out", max_train_steps=3, learning_rate=5e-2,
-                                         output_name="lora", **overrides))
+    options = {"max_train_steps": 3, "learning_rate": 5e-2, "output_name": "lora", **overrides}
+    cfg = build_config(tiny_image_config(model, data, tmp / "out", **options))
     trainer = Trainer(cfg, show_progress=False)
     trainer.run()
     return trainer
@@ -191,3 +191,59 @@ def test_single_file_base_model_trains_like_its_diffusers_folder(family, tiny_sd
     assert_same_tensors(tmp_path / "folder/lora.safetensors", tmp_path / "file/lora.safetensors")
     proc = run_cli("check", "--config", str(tmp_path / "file.yaml"))
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_network_weights_continue_from_an_exported_lora(sd1_te_trained, tiny_sd, tmp_path, fmt):
+    """Incremental training: a run started from the previous run's kohya or diffusers file begins exactly where it
+    ended (UNet and text encoder), and a file that does not fit the run is one clear error."""
+    out = sd1_te_trained.cfg.output_dir
+    source = out / "lora.safetensors" if fmt == "kohya" else out / "diffusers"
+    # lr ~ 0: one step leaves the loaded weights as they are, so the export shows what was loaded
+    cont = _train(tiny_sd, tmp_path, train_text_encoder=True, network_weights=str(source), learning_rate=1e-30,
+                  max_train_steps=1)
+    before = sd1_te_trained.task.lora_parts(sd1_te_trained.accelerator.unwrap_model(sd1_te_trained.model))
+    after = cont.task.lora_parts(cont.accelerator.unwrap_model(cont.model))
+    assert before.keys() == after.keys() == {"unet", "text_encoder"}
+    for part in before:
+        for key in before[part]:
+            torch.testing.assert_close(after[part][key], before[part][key], atol=1e-6, rtol=0)
+
+    from .helpers import run_cli
+
+    config = tmp_path / "bad.yaml"
+    data = make_captioned_images(tmp_path / "bad-data", count=2)
+    raw = tiny_image_config(tiny_sd, data, tmp_path / "bad", network_weights=str(source), lora_rank=8)
+    config.write_text(__import__("yaml").safe_dump(raw))
+    proc = run_cli("train", "--config", str(config))
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "rank" in proc.stderr
+
+
+@pytest.mark.parametrize("variant", [{"conv_rank": 2, "conv_alpha": 1}, {"use_dora": True}])
+def test_locon_and_dora_train_and_export(variant, tiny_sd, tmp_path):
+    """LoCon (3x3 convs with their own rank/alpha) and DoRA through the real loop; LoCon's kohya file loads in
+    diffusers and reproduces the trained UNet, DoRA's carries dora_scale and is labelled in ss_network_args."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    trainer = _train(tiny_sd, tmp_path, **variant)
+    path = trainer.cfg.output_dir / "lora.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    args = json.loads(meta["ss_network_args"])
+    if "conv_rank" in variant:
+        assert args["conv_dim"] == "2" and args["conv_alpha"] == "1"
+        assert any("resnets_0_conv1.lora_down" in k for k in keys)
+        unet = trainer.accelerator.unwrap_model(trainer.model).unet.eval()
+        gen = torch.Generator().manual_seed(0)
+        x, t, ctx = torch.randn(1, 4, 16, 16, generator=gen), torch.tensor([500]), torch.randn(1, 16, 32, generator=gen)
+        with torch.no_grad():
+            expected = unet(x, t, ctx).sample
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+        pipe.load_lora_weights(str(path))
+        with torch.no_grad():
+            got = pipe.unet(x, t, ctx).sample
+        assert (got - expected).abs().max() <= 1e-5
+    else:
+        assert args["dora_wd"] == "True" and any(k.endswith(".dora_scale") for k in keys)

@@ -17,10 +17,11 @@ from torch.utils.data import Dataset
 
 from ..data.images import CaptionedImage, augment_caption, center_crop, load_image, load_image_tensor
 from ..errors import ConfigError
-from ..lora import effective_alpha, make_lora_config
+from ..export.kohya import model_family
+from ..lora import effective_alpha, effective_conv_alpha, make_lora_config, make_unet_lora_config
 from .base import DataSummary, RunInfo, SampleKey, Task, require_hub_id
-from .sd_models import (SDXL_RESOLUTION, SD2, SDXL, TEXT_ENCODER_TARGETS, LoRANetwork, encode_prompt,
-                        family_from_configs, family_of_folder, time_ids)
+from .sd_models import (SDXL_RESOLUTION, SDXL, TEXT_ENCODER_TARGETS, LoRANetwork, encode_prompt,
+                        family_of_folder, time_ids)
 
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
@@ -133,6 +134,17 @@ def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> to
     return clipped / snr
 
 
+def adapter_metadata(lora_config: Any, cfg: Any) -> dict[str, Any]:
+    """The LoraConfig fields diffusers' ``load_lora_weights`` rebuilds the adapter from, with rsLoRA folded into the
+    classic alpha/rank scale (see :func:`effective_alpha`)."""
+    meta = {"r": lora_config.r, "lora_alpha": effective_alpha(cfg), "lora_dropout": lora_config.lora_dropout,
+            "target_modules": sorted(lora_config.target_modules), "use_dora": lora_config.use_dora}
+    if lora_config.rank_pattern:
+        meta["rank_pattern"] = dict(lora_config.rank_pattern)
+        meta["alpha_pattern"] = {k: effective_conv_alpha(cfg) for k in lora_config.alpha_pattern}
+    return meta
+
+
 class ImageTask(Task):
     """LoRA on the UNet (and optionally the text encoders) of a Stable Diffusion 1.x / 2.x / SDXL model."""
 
@@ -146,8 +158,9 @@ class ImageTask(Task):
         check_environment(cfg)
         if cfg.target_modules == "all-linear":
             raise ConfigError("target_modules: all-linear is for the text task; list UNet module names instead")
-        if cfg.network_weights is not None:
-            raise ConfigError("network_weights: continuing from an existing LoRA is supported for task: text only so far")
+        if cfg.network_weights is not None and not Path(cfg.network_weights).expanduser().exists():
+            raise ConfigError(f"network_weights not found: '{cfg.network_weights}' (a kohya or diffusers .safetensors "
+                              "LoRA, or a PEFT adapter folder)")
         if cfg.quantization is not None:
             raise ConfigError("quantization: 4-bit QLoRA is for the text task; remove it for task: image")
         if cfg.cache_latents and (cfg.random_crop or cfg.random_flip):
@@ -243,7 +256,7 @@ class ImageTask(Task):
             )
         try:
             unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-            family = family_from_configs(dict(unet.config))
+            family = model_family(dict(unet.config))
             encoders = [("text_encoder", CLIPTextModel)]
             if family == SDXL:
                 encoders.append(("text_encoder_2", CLIPTextModelWithProjection))
@@ -263,7 +276,7 @@ class ImageTask(Task):
     def _attach_lora(self, unet: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> LoRANetwork:
         """Add the LoRA adapters and gather the trained modules into one :class:`LoRANetwork`."""
         cfg = self.cfg
-        unet.add_adapter(make_lora_config(cfg, cfg.target_modules or DEFAULT_TARGET_MODULES))
+        unet.add_adapter(make_unet_lora_config(cfg, cfg.target_modules or DEFAULT_TARGET_MODULES))
         trained = []
         if cfg.train_text_encoder:
             for encoder in text_encoders:
@@ -284,6 +297,10 @@ class ImageTask(Task):
         self.device = device
 
         network = self._attach_lora(unet, self.text_encoders)
+        if self.cfg.network_weights is not None:  # incremental training: start from an existing LoRA
+            from ..export.load import apply_network_weights
+
+            apply_network_weights(self.cfg.network_weights, self.lora_modules(network), family=self.family)
         # Trainable LoRA tensors stay in fp32 even when the frozen base runs in half precision.
         for param in network.parameters():
             if param.requires_grad:
@@ -363,13 +380,13 @@ class ImageTask(Task):
             else:
                 unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
                 vae_config = AutoencoderKL.load_config(base, subfolder="vae")
-                names = ["text_encoder", "text_encoder_2"] if family_from_configs(dict(unet_config)) == SDXL else [
+                names = ["text_encoder", "text_encoder_2"] if model_family(dict(unet_config)) == SDXL else [
                     "text_encoder"]
                 te_configs = [CLIPTextConfig.from_pretrained(base, subfolder=name) for name in names]
                 self.noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
         except (OSError, ValueError) as exc:
             raise ConfigError(f"base_model: could not read the configs of '{base}': {str(exc).splitlines()[0]}") from None
-        family = family_from_configs(dict(unet_config))
+        family = model_family(dict(unet_config))
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(unet_config)
             vae = AutoencoderKL.from_config(vae_config)
@@ -516,14 +533,12 @@ class ImageTask(Task):
         return out
 
     # --- export --------------------------------------------------------------------------------------------------
-    def base_model_version(self) -> str:
-        """kohya's ``ss_base_model_version``: sd_v1, sd_v2, sd_v2_v (v-prediction) or sdxl_base_v1-0."""
-        if self.family == SDXL:
-            return "sdxl_base_v1-0"
-        version = "sd_v2" if self.family == SD2 else "sd_v1"
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            version += "_v"
-        return version
+    def lora_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """The LoRA-carrying modules by part name: ``unet``, and ``text_encoder`` / ``text_encoder_2`` when trained."""
+        modules = {"unet": model.unet}
+        for i, encoder in enumerate(model.text_encoders):
+            modules["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = encoder
+        return modules
 
     def lora_parts(self, model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
         """PEFT state dicts of the trained modules: ``unet``, and ``text_encoder`` / ``text_encoder_2``."""
@@ -532,25 +547,26 @@ class ImageTask(Task):
         def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             return {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(module).items()}
 
-        parts = {"unet": state(model.unet)}
-        for i, encoder in enumerate(model.text_encoders):
-            parts["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = state(encoder)
-        return parts
+        return {name: state(module) for name, module in self.lora_modules(model).items()}
 
     def export(self, model: torch.nn.Module, output_dir: Path, run: RunInfo) -> list[Path]:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
 
-        from ..export.kohya import kohya_metadata, peft_to_kohya, write_kohya_lora
+        from ..export.kohya import (base_model_version, kohya_metadata, kohya_network_args, kohya_state_dict,
+                                    write_kohya_lora)
 
         cfg = self.cfg
         alpha = effective_alpha(cfg)
         parts = self.lora_parts(model)
+        v_prediction = self.noise_scheduler.config.prediction_type == "v_prediction"
         te_lr = (cfg.text_encoder_lr or cfg.learning_rate) if cfg.train_text_encoder else 0
         meta = kohya_metadata(
             network_dim=cfg.lora_rank,
             network_alpha=alpha,
-            base_model_version=self.base_model_version(),
+            base_model_version=base_model_version(self.family, v_prediction),
+            network_args=kohya_network_args(conv_rank=cfg.conv_rank, conv_alpha=effective_conv_alpha(cfg),
+                                            use_dora=cfg.use_dora),
             base_model=cfg.base_model,
             output_name=cfg.output_name,
             num_train_images=run.num_samples,
@@ -578,26 +594,15 @@ class ImageTask(Task):
                 **run.provenance(),
             },
         )
-        prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1" if self.family == SDXL else "lora_te",
-                    "text_encoder_2": "lora_te2"}
-        tensors: dict[str, torch.Tensor] = {}
-        for name, state in parts.items():
-            if name != "unet":  # kohya names CLIP modules as in transformers < 5, under ``text_model.``
-                state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
-            tensors.update(peft_to_kohya(state, prefixes[name], alpha))
+        tensors = kohya_state_dict(parts, family=self.family, alpha=alpha, conv_alpha=effective_conv_alpha(cfg),
+                                   unet_config=model.unet.config)
         kohya_path = write_kohya_lora(output_dir / f"{cfg.output_name}.safetensors", tensors, meta)
 
         diffusers_dir = output_dir / "diffusers"
-        adapter_meta = {"r": cfg.lora_rank, "lora_alpha": alpha, "lora_dropout": cfg.lora_dropout}
-        layers: dict[str, Any] = {
-            "unet_lora_layers": convert_state_dict_to_diffusers(parts["unet"]),
-            "unet_lora_adapter_metadata": {
-                **adapter_meta, "target_modules": sorted(set(cfg.target_modules or DEFAULT_TARGET_MODULES))},
-        }
-        for name in ("text_encoder", "text_encoder_2"):
-            if name in parts:
-                layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(parts[name])
-                layers[f"{name}_lora_adapter_metadata"] = {**adapter_meta, "target_modules": TEXT_ENCODER_TARGETS}
+        layers: dict[str, Any] = {}
+        for name, module in self.lora_modules(model).items():
+            layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(parts[name])
+            layers[f"{name}_lora_adapter_metadata"] = adapter_metadata(module.peft_config["default"], cfg)
         pipeline_cls = StableDiffusionXLPipeline if self.family == SDXL else StableDiffusionPipeline
         pipeline_cls.save_lora_weights(diffusers_dir, **layers)
         return [kohya_path, diffusers_dir / "pytorch_lora_weights.safetensors"]

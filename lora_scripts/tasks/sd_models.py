@@ -20,22 +20,11 @@ TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attent
 SDXL_RESOLUTION = 1024  # the default resolution for SDXL (512 for the others, the config default)
 
 
-def family_from_configs(unet_config: dict[str, Any], text_hidden_size: int | None = None) -> str:
-    """sd1, sd2 or sdxl from the UNet config (SDXL has ``text_time`` added conditioning; SD2 has 1024-wide
-    cross-attention)."""
-    if unet_config.get("addition_embed_type") == "text_time":
-        return SDXL
-    if unet_config.get("cross_attention_dim") == 1024 or text_hidden_size == 1024:
-        return SD2
-    return SD1
-
-
 def family_of_folder(folder: Path) -> str:
-    """The family of a local diffusers folder, from its config files only."""
-    unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
-    te_config = folder / "text_encoder" / "config.json"
-    hidden = json.loads(te_config.read_text(encoding="utf-8")).get("hidden_size") if te_config.is_file() else None
-    return family_from_configs(unet, hidden)
+    """The family of a local diffusers folder, from its UNet config only."""
+    from ..export.kohya import model_family
+
+    return model_family(json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8")))
 
 
 def time_ids(crop: Crop, target_hw: tuple[int, int]) -> torch.Tensor:
