@@ -60,7 +60,8 @@ class TrainConfig(_Strict):
         "text: one data file (.jsonl/.json/.csv/.parquet/.txt) used instead of train_data_dir.",
     )
     base_model: str = Field(
-        ..., description="Base model: a diffusers folder or hub id (image), a transformers causal-LM folder or hub id (text)."
+        ..., description="Base model: a diffusers folder, hub id or single-file .safetensors/.ckpt (image); a "
+        "transformers causal-LM folder or hub id (text)."
     )
     base_model_config: Path | None = Field(
         None, description="image, when base_model is a single-file .safetensors/.ckpt: a local diffusers config "
@@ -88,7 +89,8 @@ class TrainConfig(_Strict):
     )
     use_rslora: bool = Field(False, description="rank-stabilised LoRA: scale by alpha/sqrt(rank) instead of alpha/rank.")
     network_weights: Path | None = Field(
-        None, description="Start from an existing LoRA (text: a PEFT adapter folder) instead of a fresh one."
+        None, description="Start from an existing LoRA instead of a fresh one: image: a kohya or diffusers .safetensors "
+        "or a PEFT adapter folder; text: a PEFT adapter folder."
     )
     use_dora: bool = Field(
         False, description="DoRA (weight-decomposed LoRA): also train a per-output-channel magnitude; exported with "
