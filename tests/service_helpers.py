@@ -24,7 +24,7 @@ PG_SKIP_REASON = ("LORA_SCRIPTS_TEST_PG_URL is not set (.ci/run starts a Postgre
 FINAL = ("succeeded", "failed", "cancelled")
 
 # a fake trainer for tests of the queue itself: records its job id (one line per run) and exits
-RECORD_COMMAND = [sys.executable, "-c",
+RECORD_COMMAND = [sys.executable, "-S", "-c",
                   "import os,sys; f=open(sys.argv[1],'a'); f.write(os.environ['LORA_SCRIPTS_JOB_ID']+'\\n')",
                   "{home}/ran.txt"]
 
@@ -79,6 +79,7 @@ class ServerProcess:
         argv = [sys.executable, "-m", "lora_scripts.cli", "serve", "--home", str(home), "--port", str(self.port),
                 "--token", TOKEN, *(["--db", db] if db else []), *(extra or [])]
         env = cli_env()
+        env["LORA_SCRIPTS_RUNNER_POLL"] = "0.2"
         if command:
             env["LORA_SCRIPTS_TRAIN_COMMAND"] = json.dumps(command)
         self.log = open(home.parent / f"server-{self.port}.log", "ab")

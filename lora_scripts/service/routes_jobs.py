@@ -114,6 +114,8 @@ def create_job(body: JobIn, svc: Service = Depends(get_service)) -> Any:
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
+    if svc.runner is not None:
+        svc.runner.wake()
     return describe(svc, job)
 
 
@@ -148,6 +150,8 @@ def resume_job(job_id: str, svc: Service = Depends(get_service)) -> dict[str, An
     job = _get(svc, job_id)
     if not svc.store.resume(job_id):
         raise HTTPException(409, f"job {job_id} is {job['state']}; only cancelled or failed jobs can be resumed")
+    if svc.runner is not None:
+        svc.runner.wake()
     return describe(svc, _get(svc, job_id))
 
 

@@ -64,7 +64,7 @@ def detect_gpus() -> list[str]:
 class _Running:
     job_id: str
     proc: subprocess.Popen
-    slot: str | None
+    slot: int
     log: Any
     terminated: bool = False
     started: float = field(default_factory=time.monotonic)
@@ -88,6 +88,7 @@ class Runner:
         self.on_finish = on_finish
         self.running: dict[str, _Running] = {}
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.started_jobs = 0
 
@@ -103,9 +104,14 @@ class Runner:
         """True while the background thread runs."""
         return self._thread is not None and self._thread.is_alive()
 
+    def wake(self) -> None:
+        """Look at the queue now instead of at the next poll (called when this server queues a job)."""
+        self._wake.set()
+
     def stop(self, grace_seconds: float = 120.0) -> None:
         """Stop claiming; SIGTERM running trainers (they checkpoint) and put their jobs back in the queue."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join()
         for run in list(self.running.values()):
@@ -152,7 +158,9 @@ class Runner:
                 self.tick()
             except Exception as exc:  # a database hiccup must not kill the runner; log and retry
                 print(f"runner: {type(exc).__name__}: {exc}", file=sys.stderr)
-            self._stop.wait(self.poll_seconds)
+            # a short wait while trainers run (to reap them promptly), the full poll when idle; wake() cuts it short
+            self._wake.wait(self.poll_seconds if not self.running else min(self.poll_seconds, 0.1))
+            self._wake.clear()
 
     def tick(self) -> None:
         """One round: reap finished trainers, forward cancels, start queued jobs on free slots."""

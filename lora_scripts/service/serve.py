@@ -30,6 +30,7 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         run_jobs=not args.no_runner, train_command=json.loads(command) if command else None,
         limits=UploadLimits(max_file_bytes=limit, max_total_bytes=max(limit * 10, 200 * 2**20)),
         mirror_url=args.mirror, mirror_options=mirror_options,
+        poll_seconds=float(os.environ.get("LORA_SCRIPTS_RUNNER_POLL", "1.0")),  # how often idle runners look
     )
 
 
