@@ -7,6 +7,7 @@
 - Cancel sends SIGTERM to the group: the trainer finishes its step, writes a checkpoint and exits.
 - Every run passes ``--resume latest``: a fresh job starts at step 0, a resumed or recovered one continues from its
   newest complete checkpoint, and the trainer's resume is exact.
+- If the server dies, the kernel sends its trainers SIGTERM (``PR_SET_PDEATHSIG``, Linux): they checkpoint and stop.
 - Start-up recovery: jobs this worker left ``running`` (the server died) are stopped if their trainer is still alive
   (it is not our child any more, so it is found by pid + start time, which rules out a reused pid) and put back in
   the queue, where they are claimed first (oldest) and resume. Queued jobs simply stay queued.
@@ -30,6 +31,17 @@ from .store import JobStore
 
 DEFAULT_COMMAND = [sys.executable, "-m", "lora_scripts.cli", "train", "--config", "{config}", "--resume", "latest",
                    "--no-progress"]
+
+
+# Run before the trainer (same process, via exec): ask the kernel to SIGTERM it when the runner dies, so a crashed
+# server's trainers checkpoint and stop instead of running on unsupervised (a restarted server resumes them).
+_PDEATHSIG = (
+    "import ctypes,os,signal,sys\n"
+    "try: ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "except (OSError, AttributeError): pass\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit('the server stopped before the job started')\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 def job_dir(home: Path, job_id: str) -> Path:
@@ -192,6 +204,8 @@ class Runner:
         log = open(folder / "train.log", "ab")
         log.write(f"[service] attempt {job['attempts']} on {self.worker}: {' '.join(argv)}\n".encode())
         log.flush()
+        if sys.platform.startswith("linux"):
+            argv = [sys.executable, "-S", "-c", _PDEATHSIG, str(os.getpid()), shutil.which(argv[0]) or argv[0], *argv[1:]]
         try:
             # a list of arguments, no shell; own session so SIGTERM reaches the whole group and a server crash
             # does not take the trainer down mid-write (its checkpoint stays consistent, recovery resumes it)
