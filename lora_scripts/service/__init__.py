@@ -7,3 +7,15 @@ Modules: :mod:`.store` (SQLAlchemy tables, atomic job claim), :mod:`.runner` (su
 :mod:`.security` (token, safe uploads), :mod:`.jobs` (config validation), :mod:`.metrics` (Prometheus),
 :mod:`.app` (the FastAPI app and console pages), :mod:`.mirror` (optional S3 mirror).
 """
+
+
+def serve_command(args) -> int:
+    """``lora-scripts serve``: a one-line error if the service extras are missing, else run the server."""
+    from ..errors import UserError
+
+    try:
+        from .serve import run_server
+    except ImportError as exc:
+        raise UserError(f"serve needs the service extras ({exc.name} is not installed): "
+                        "pip install 'lora-scripts[service]'") from None
+    return run_server(args)

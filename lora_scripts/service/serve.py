@@ -1,4 +1,5 @@
-"""``lora-scripts serve`` (its options are in :mod:`lora_scripts.cli`): start the API, the console and the runner under uvicorn (``--demo``: with a tiny model)."""
+"""``lora-scripts serve``: the API, the console and the runner under uvicorn; ``--demo`` adds a tiny model and a
+dataset. The options are declared in :mod:`lora_scripts.cli`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import json
 import os
 from pathlib import Path
+
+from sqlalchemy.exc import OperationalError
 
 from ..errors import ConfigError
 from .app import ServiceSettings, create_app
@@ -68,7 +71,12 @@ def run_server(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.demo:
         prepare_demo(settings)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except OperationalError as exc:
+        reason = (str(exc.orig).strip().splitlines() or ["no answer"])[0]
+        raise ConfigError(f"--db: cannot use the database ({reason}); check the URL, that the server runs and "
+                          "that the user may connect") from None
     svc = app.state.service
     shown = "localhost" if is_loopback(settings.host) else settings.host
     print(f"lora-scripts service: home {svc.home}, database {svc.store.engine.url.render_as_string(hide_password=True)}")
