@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from .service_helpers import AUTH, wait_for
+from .service_helpers import AUTH
 from .test_service_api import make_client
 
 pytest.importorskip("sqlalchemy")

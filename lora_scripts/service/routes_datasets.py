@@ -170,7 +170,7 @@ def auto_label(dataset_id: str, body: LabelIn, svc: Service = Depends(get_servic
         lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")] or proc.stderr.splitlines()[-1:]
         raise HTTPException(422, [{"loc": ["body", "backend"], "msg": (lines[0] if lines else "labelling failed")
                                    .removeprefix("error: "), "type": "label_failed"}])
-    return {"output": proc.stdout.strip().splitlines()[-1:] , "dataset": describe(svc, dataset_id)}
+    return {"output": proc.stdout.strip().splitlines()[-1:], "dataset": describe(svc, dataset_id)}
 
 
 @router.post("/{dataset_id}/check", dependencies=[Depends(require_write)])
