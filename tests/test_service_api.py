@@ -139,8 +139,11 @@ def test_cancel_running_job_sends_sigterm(tmp_path, tiny_sd):
         assert "stopped by SIGTERM" in log and "cancel requested" in log
 
 
-def test_real_job_trains_and_downloads(tmp_path, tiny_sd, image_data):
-    """The whole path a user takes, through the API: upload, submit, watch, download a LoRA that loads."""
+def test_real_job_cancel_resume_and_download(tmp_path, tiny_sd, image_data, monkeypatch):
+    """The whole path a user takes, through the API: upload, submit, cancel (the trainer checkpoints), resume,
+    watch it finish, download a LoRA that loads."""
+    # each checkpoint takes a second longer, so the cancel surely arrives before the last step on a fast machine
+    monkeypatch.setenv("LORA_SCRIPTS_TEST_CHECKPOINT_DELAY", "1")
     home = tmp_path / "home"
     with make_client(home) as client:
         ds = client.post("/api/datasets", json={"name": "shapes"}, headers=AUTH).json()
@@ -149,26 +152,39 @@ def test_real_job_trains_and_downloads(tmp_path, tiny_sd, image_data):
         captions = {p.name: f"a shape number {i}" for i, p in enumerate(sorted(image_data.glob("*.png")))}
         assert client.put(f"/api/datasets/{ds['id']}/captions", json={"captions": captions}, headers=AUTH).status_code == 200
         res = client.post("/api/jobs", headers=AUTH, json={
-            "name": "tiny", "dataset_id": ds["id"],
+            "name": "tiny lora", "dataset_id": ds["id"],
             "config_yaml": "logging:\n  tensorboard: false\nsample_prompts:\n  - {prompt: a red circle, steps: 2}\n",
             "config": {"base_model": str(tiny_sd), "resolution": 32, "lora_rank": 4, "batch_size": 2,
-                       "max_train_steps": 4, "save_steps": 2, "output_name": "tiny_lora"}})
+                       "max_train_steps": 8, "save_steps": 2}})
         assert res.status_code == 201, res.text
-        job = wait_job(client, res.json()["id"])
-        assert job["state"] == "succeeded", client.get(f"/api/jobs/{job['id']}/log").json()["text"][-3000:]
-        assert job["step"] == 4 and job["loss"] is not None and job["total_steps"] == 4
+        job_id = res.json()["id"]
+        out = home / "jobs" / job_id / "output"
+        wait_for(lambda: (out / "checkpoints" / "step-2").is_dir(), "the first checkpoint")
+        assert client.post(f"/api/jobs/{job_id}/cancel", headers=AUTH).status_code == 200
+        job = wait_job(client, job_id)
+        log = client.get(f"/api/jobs/{job_id}/log").json()["text"]
+        assert job["state"] == "cancelled", log[-3000:]
+        stopped = [line for line in log.splitlines() if line.startswith("stopped by SIGTERM after step")]
+        assert stopped and job["step"] < 8, log[-3000:]
+        assert (out / "checkpoints" / f"step-{job['step']}").is_dir()  # the trainer checkpointed on SIGTERM
+
+        assert client.post(f"/api/jobs/{job_id}/resume", headers=AUTH).json()["state"] == "queued"
+        job = wait_job(client, job_id)
+        log = client.get(f"/api/jobs/{job_id}/log").json()["text"]
+        assert job["state"] == "succeeded", log[-3000:]
+        assert f"resumed from {out / 'checkpoints' / ('step-%d' % int(stopped[0].split()[5].rstrip(';')))}" in log
+        assert job["attempts"] == 2 and job["step"] == 8 and job["loss"] is not None and job["total_steps"] == 8
         paths = {a["path"] for a in job["artifacts"]}
         assert {"tiny_lora.safetensors", "diffusers/pytorch_lora_weights.safetensors", "logs/loss.csv",
-                "training_summary.json"} <= paths
+                "training_summary.json"} <= paths  # the LoRA is named after the job
         assert job["samples"] and all(s["path"].startswith("samples/") for s in job["samples"])
-        res = client.get(f"/api/jobs/{job['id']}/artifacts/tiny_lora.safetensors")
+        res = client.get(f"/api/jobs/{job_id}/artifacts/tiny_lora.safetensors")
         assert res.status_code == 200
         downloaded = tmp_path / "downloaded.safetensors"
         downloaded.write_bytes(res.content)
-        out = home / "jobs" / job["id"] / "output"
         assert_same_tensors(downloaded, out / "tiny_lora.safetensors")
-        assert len(client.get(f"/api/jobs/{job['id']}/loss").json()) == 4
-        assert client.get(f"/api/jobs/{job['id']}/artifacts/../config.yaml").status_code == 404
+        assert [row["step"] for row in client.get(f"/api/jobs/{job_id}/loss").json()] == list(range(1, 9))
+        assert client.get(f"/api/jobs/{job_id}/artifacts/../config.yaml").status_code == 404
 
     from diffusers import StableDiffusionPipeline
 

@@ -20,12 +20,13 @@ def test_serve_demo_prepares_model_dataset_and_form(tmp_path):
         form = server.client.get("/jobs/new").text
         assert 'value="models/tiny-sd"' in form and "shapes (demo)" in form
         # the pre-filled form, as the console's JS sends it, is a valid job
-        body = {"dataset_id": datasets[0]["id"], "config_yaml": "logging:\n  tensorboard: false\n",
+        body = {"name": "demo shapes LoRA", "dataset_id": datasets[0]["id"], "config_yaml": "logging:\n  tensorboard: false\n",
                 "config": {"base_model": "models/tiny-sd", "resolution": 32, "max_train_steps": 60, "save_steps": 10,
                            "learning_rate": 2e-3, "sample_prompts": ["a red circle in the style of lora"]}}
         res = server.client.post("/api/jobs/validate", json=body, headers=AUTH)
         assert res.status_code == 200, res.text
         assert res.json()["config"]["base_model"] == str(home.resolve() / "models" / "tiny-sd")
+        assert res.json()["config"]["output_name"] == "demo_shapes_LoRA"  # the LoRA file is named after the job
     finally:
         server.stop()
     log = (tmp_path / f"server-{server.port}.log").read_text()

@@ -7,6 +7,7 @@ The schema is the trainer's own :class:`~lora_scripts.config.TrainConfig`, so th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +65,21 @@ def _pydantic_errors(err: ValidationError) -> list[dict[str, Any]]:
     return out
 
 
+def output_name_for(job_name: str | None) -> str:
+    """A file name for the LoRA from the job's name: ``My style v2`` -> ``My_style_v2``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", job_name or "").strip("._-")[:80] or "lora"
+
+
 def build_job_config(
     home: Path, job_dir: Path, config_yaml: str | None, fields: dict[str, Any] | None, dataset_dir: Path | None,
+    job_name: str | None = None,
 ) -> TrainConfig:
     """Validate a submission: YAML first, form ``fields`` on top, the dataset's folders unless given, the path
-    policy, then the trainer's schema. Raises :class:`JobConfigError` listing every problem found."""
+    policy, then the trainer's schema. Raises :class:`JobConfigError` listing every problem found. The LoRA file
+    is named after the job unless ``output_name`` is set."""
     data = parse_yaml(config_yaml or "")
     data.update({k: v for k, v in (fields or {}).items() if v is not None and v != ""})
+    data.setdefault("output_name", output_name_for(job_name))
     errors: list[dict[str, Any]] = []
     for key in SERVICE_KEYS:
         if key in data:

@@ -40,7 +40,8 @@ def _validate(svc: Service, body: JobIn, job_id: str):
     if not body.config_yaml and not body.config:
         raise JobConfigError([{"loc": ["config"], "msg": "give config (form fields) or config_yaml",
                                "type": "missing"}])
-    return build_job_config(svc.home, job_dir(svc.home, job_id), body.config_yaml, body.config, dataset_dir)
+    return build_job_config(svc.home, job_dir(svc.home, job_id), body.config_yaml, body.config, dataset_dir,
+                            job_name=body.name)
 
 
 def _config_errors(exc: JobConfigError) -> JSONResponse:
