@@ -53,3 +53,17 @@ def test_serve_user_errors_are_one_line(tmp_path, args, message):
     res = run_cli("serve", "--home", str(tmp_path / "home"), *args, timeout=120)
     assert res.returncode == 2
     assert res.stderr.startswith("error: " + message) and res.stderr.count("\n") == 1
+
+
+def test_core_does_not_import_the_service():
+    """`lora-scripts --help` and the trainer never load FastAPI, SQLAlchemy or the service package."""
+    import subprocess
+    import sys
+
+    from .helpers import cli_env
+
+    code = ("import sys, lora_scripts.cli as c, lora_scripts.config; c.build_parser(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'sqlalchemy', 'uvicorn') "
+            "or m.startswith('lora_scripts.service')))")
+    out = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
