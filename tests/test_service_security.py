@@ -161,6 +161,8 @@ def test_wrong_type_is_refused(service, name, data):
     ("output_dir", "../../../escape"),
     ("output_dir", ".."),
     ("cache_dir", "/var/tmp/cache"),
+    ("output_name", "../../../evil"),
+    ("output_name", "/tmp/evil"),
 ])
 def test_job_outputs_stay_inside_the_home(service, key, value):
     body = {"config": {"base_model": "m", "train_data_dir": "d", key: value}}

@@ -15,9 +15,9 @@ import yaml
 from pydantic import ValidationError
 
 from ..config import TrainConfig, _field_names, _section_model, _suggest
-from .security import is_inside
+from .security import SAFE_NAME, is_inside
 
-READ_PATH_KEYS = ("train_data_dir", "metadata_path", "network_weights", "val_data")
+READ_PATH_KEYS = ("train_data_dir", "metadata_path", "network_weights", "val_data", "base_model_config")
 WRITE_PATH_KEYS = ("output_dir", "cache_dir")
 SERVICE_KEYS = ("resume",)
 
@@ -112,6 +112,12 @@ def build_job_config(
                                  f"path is relative to this job's folder); got {value!r}"))
             continue
         data[key] = str(path.resolve())
+    name = data.get("output_name")
+    if name is not None and not (isinstance(name, str) and SAFE_NAME.match(name) and ".." not in name):
+        # the trainer writes <output_dir>/<output_name>.safetensors: a separator or '..' would leave the folder
+        errors.append(_error(["config", "output_name"], "must be a plain file name (letters, digits, '.', '_', '-', "
+                             f"spaces; no folders); got {name!r}"))
+        data.pop("output_name")
     try:
         cfg = TrainConfig.model_validate(data)
     except ValidationError as err:
