@@ -198,7 +198,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         svc: Service = request.app.state.service
         if svc.reads_need_token and not token_matches(svc.token, request.cookies.get(COOKIE)):
             return templates.TemplateResponse(request, "login.html", {"error": None}, status_code=401)
-        return templates.TemplateResponse(request, name, {"logged_in": bool(request.cookies.get(COOKIE)), **context})
+        signed_in = token_matches(svc.token, request.cookies.get(COOKIE))
+        return templates.TemplateResponse(request, name, {"logged_in": signed_in, **context})
 
     @app.get("/login", include_in_schema=False)
     def login_page(request: Request, token: str | None = None) -> Response:
