@@ -10,7 +10,7 @@ else
 TORCH_SPEC ?= torch
 endif
 
-.PHONY: demo test install clean
+.PHONY: demo serve-demo test install clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/lora-scripts demo --output-dir demo_output
+
+# the web console and API on the tiny model: open the printed http://localhost:7860/login?token=... link
+serve-demo: install
+	$(VENV)/bin/lora-scripts serve --demo --home demo_output/service
 
 test: install
 	$(PY) -m pytest -q tests

@@ -222,6 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 200 image, 60 text)")
     p.add_argument("--task", choices=["image", "text"], default="image")
     p.set_defaults(func=cmd_demo)
+
+    # the training service: FastAPI and SQLAlchemy are imported only when it runs (lora_scripts/service/)
+    p = sub.add_parser("serve", help="web console and REST API to submit and watch training jobs")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (non-loopback: reads need the token too)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--home", default="lora_home", help="folder for the database, datasets and jobs (default lora_home)")
+    p.add_argument("--db", help="database URL (default: SQLite in the home; or postgresql://user@host/db)")
+    p.add_argument("--token", help="access token (default: LORA_SCRIPTS_TOKEN, else generated into <home>/token)")
+    p.add_argument("--slots", type=int, help="jobs run at once (default: one per GPU, one on CPU)")
+    p.add_argument("--no-runner", action="store_true", help="API only; another server on the same database runs jobs")
+    p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload file (default 20)")
+    p.add_argument("--mirror", metavar="S3_URL", help="copy finished jobs' outputs to s3://bucket/prefix (s3fs)")
+    p.add_argument("--demo", action="store_true", help="add a tiny model and dataset to the home (offline)")
+    p.set_defaults(func=lambda a: __import__("lora_scripts.service", fromlist=["x"]).serve_command(a))
     return parser
 
 

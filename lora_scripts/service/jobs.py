@@ -1,0 +1,136 @@
+"""Turning a submitted job (form fields and/or YAML) into a validated config, with every error per field.
+
+The schema is the trainer's own :class:`~lora_scripts.config.TrainConfig`, so the service accepts exactly what
+``lora-scripts train`` accepts. The service adds a path policy: outputs (``output_dir``, ``cache_dir``) stay inside
+``<home>/jobs``; ``resume`` is the service's business; relative input paths are relative to the home.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from ..config import TrainConfig, _field_names, _section_model, _suggest
+from .security import SAFE_NAME, is_inside
+
+READ_PATH_KEYS = ("train_data_dir", "metadata_path", "network_weights", "val_data", "base_model_config")
+WRITE_PATH_KEYS = ("output_dir", "cache_dir")
+SERVICE_KEYS = ("resume",)
+
+
+class JobConfigError(Exception):
+    """A submitted job config is invalid; ``errors`` holds one entry per field: {loc, msg, type}."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+        self.errors = errors
+
+
+def _error(loc: list[Any], msg: str, kind: str = "value_error") -> dict[str, Any]:
+    return {"loc": loc, "msg": msg, "type": kind}
+
+
+def parse_yaml(text: str) -> dict[str, Any]:
+    """The YAML text of a job config as a mapping (errors name the line)."""
+    try:
+        data = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise JobConfigError([_error(["config_yaml"], f"{where}YAML syntax error: {problem}")]) from None
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise JobConfigError([_error(["config_yaml"], f"YAML value cannot be read: {exc}")]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise JobConfigError([_error(["config_yaml"], "the config must be a mapping of key: value lines")])
+    return data
+
+
+def _pydantic_errors(err: ValidationError) -> list[dict[str, Any]]:
+    out = []
+    for item in err.errors():
+        loc = [str(p) for p in item["loc"]]
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = f"unknown key '{'.'.join(loc)}'{_suggest(loc[-1], _field_names(_section_model(tuple(loc[:-1]))))}"
+        elif item["type"] == "missing":
+            msg = "required"
+        out.append(_error(["config", *loc], msg, item["type"]))
+    return out
+
+
+def output_name_for(job_name: str | None) -> str:
+    """A file name for the LoRA from the job's name: ``My style v2`` -> ``My_style_v2``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", job_name or "").strip("._-")[:80] or "lora"
+
+
+def build_job_config(
+    home: Path, job_dir: Path, config_yaml: str | None, fields: dict[str, Any] | None, dataset_dir: Path | None,
+    job_name: str | None = None,
+) -> TrainConfig:
+    """Validate a submission: YAML first, form ``fields`` on top, the dataset's folders unless given, the path
+    policy, then the trainer's schema. Raises :class:`JobConfigError` listing every problem found. The LoRA file
+    is named after the job unless ``output_name`` is set."""
+    data = parse_yaml(config_yaml or "")
+    data.update({k: v for k, v in (fields or {}).items() if v is not None and v != ""})
+    data.setdefault("output_name", output_name_for(job_name))
+    errors: list[dict[str, Any]] = []
+    for key in SERVICE_KEYS:
+        if key in data:
+            errors.append(_error(["config", key], f"'{key}' is set by the service (use the job's Resume button or "
+                                 "POST /api/jobs/{id}/resume); remove it"))
+            data.pop(key)
+    if dataset_dir is not None:
+        data.setdefault("train_data_dir", str(dataset_dir))
+        data.setdefault("metadata_path", str(dataset_dir / "metadata.csv"))
+    for key in READ_PATH_KEYS:
+        if isinstance(data.get(key), str) and not Path(data[key]).expanduser().is_absolute():
+            data[key] = str(home / data[key])
+    base = data.get("base_model")
+    if isinstance(base, str) and base and not Path(base).is_absolute() and (home / base).exists():
+        data["base_model"] = str(home / base)
+    jobs_root = home / "jobs"
+    for key in WRITE_PATH_KEYS:
+        value = data.get(key)
+        if key == "output_dir" and value in (None, ""):
+            value = "output"
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            errors.append(_error(["config", key], "must be a path (text)"))
+            continue
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else job_dir / path
+        if not is_inside(path, jobs_root) or path.resolve() == jobs_root.resolve():
+            errors.append(_error(["config", key], f"must lie inside the service's job folder {jobs_root} (a relative "
+                                 f"path is relative to this job's folder); got {value!r}"))
+            continue
+        data[key] = str(path.resolve())
+    name = data.get("output_name")
+    if name is not None and not (isinstance(name, str) and SAFE_NAME.match(name) and ".." not in name):
+        # the trainer writes <output_dir>/<output_name>.safetensors: a separator or '..' would leave the folder
+        errors.append(_error(["config", "output_name"], "must be a plain file name (letters, digits, '.', '_', '-', "
+                             f"spaces; no folders); got {name!r}"))
+        data.pop("output_name")
+    try:
+        cfg = TrainConfig.model_validate(data)
+    except ValidationError as err:
+        errors.extend(_pydantic_errors(err))
+        raise JobConfigError(errors) from None
+    if errors:
+        raise JobConfigError(errors)
+    return cfg
+
+
+def dump_job_config(cfg: TrainConfig, path: Path) -> str:
+    """Write the resolved config the runner passes to ``lora-scripts train --config``; return its text."""
+    text = yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return text

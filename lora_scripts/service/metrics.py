@@ -1,0 +1,115 @@
+"""Prometheus metrics, computed at scrape time from the store and the running jobs' ``logs/loss.csv``.
+
+Reading the database on each scrape keeps the numbers true for every server sharing it (a counter in one process
+would miss the jobs another server ran).
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .store import STATES, JobStore
+
+
+def last_loss_rows(loss_csv: Path, n: int = 2) -> list[dict[str, str]]:
+    """The last ``n`` rows of a ``loss.csv`` (empty if absent)."""
+    try:
+        with open(loss_csv, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError:
+        return []
+    return rows[-n:]
+
+
+def read_loss_csv(loss_csv: Path) -> list[dict[str, float]]:
+    """Every row of a ``loss.csv`` as numbers (step, loss, lr, elapsed_s)."""
+    out = []
+    try:
+        with open(loss_csv, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                try:
+                    out.append({k: float(row[k]) for k in ("step", "loss", "lr", "elapsed_s")})
+                except (KeyError, TypeError, ValueError):
+                    continue
+    except OSError:
+        pass
+    return out
+
+
+def gpu_memory() -> list[tuple[str, float, float]]:
+    """(gpu index, used bytes, total bytes) per NVIDIA GPU, from ``nvidia-smi``; empty without one."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,memory.used,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3:
+            rows.append((parts[0], float(parts[1]) * 2**20, float(parts[2]) * 2**20))
+    return rows
+
+
+class ServiceCollector(Collector):
+    """Jobs by state, queue length, per running job: step, loss and seconds per step; GPU memory."""
+
+    def __init__(self, store: JobStore, output_dir_of: callable) -> None:
+        self.store = store
+        self.output_dir_of = output_dir_of
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self.store.count_by_state()
+        by_state = GaugeMetricFamily("lora_jobs", "Jobs in the store by state", labels=["state"])
+        for state in STATES:
+            by_state.add_metric([state], counts.get(state, 0))
+        yield by_state
+        yield GaugeMetricFamily("lora_queue_length", "Jobs waiting to run", value=counts.get("queued", 0))
+        yield GaugeMetricFamily("lora_jobs_failed", "Jobs that ended in failure (all time)", value=counts.get("failed", 0))
+        step = GaugeMetricFamily("lora_job_step", "Last logged optimizer step of a running job", labels=["job"])
+        loss = GaugeMetricFamily("lora_job_loss", "Last logged training loss of a running job", labels=["job"])
+        step_time = GaugeMetricFamily("lora_job_step_seconds", "Seconds per step between the last two logged steps",
+                                      labels=["job"])
+        for job in self.store.list_jobs(state="running"):
+            out = self.output_dir_of(job["id"])
+            rows = last_loss_rows(out / "logs" / "loss.csv") if out is not None else []
+            try:
+                numbers = [(float(r["step"]), float(r["loss"]), float(r["elapsed_s"])) for r in rows]
+            except (KeyError, TypeError, ValueError):
+                continue
+            if numbers:
+                step.add_metric([job["id"]], numbers[-1][0])
+                loss.add_metric([job["id"]], numbers[-1][1])
+            if len(numbers) == 2 and numbers[1][0] > numbers[0][0]:
+                step_time.add_metric([job["id"]], (numbers[1][2] - numbers[0][2]) / (numbers[1][0] - numbers[0][0]))
+        yield step
+        yield loss
+        yield step_time
+        gpus = gpu_memory()
+        if gpus:
+            used = GaugeMetricFamily("lora_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+            total = GaugeMetricFamily("lora_gpu_memory_total_bytes", "GPU memory size", labels=["gpu"])
+            for index, u, t in gpus:
+                used.add_metric([index], u)
+                total.add_metric([index], t)
+            yield used
+            yield total
+
+
+def render_metrics(store: JobStore, output_dir_of: callable) -> bytes:
+    """The Prometheus text exposition of :class:`ServiceCollector`."""
+    registry = CollectorRegistry()
+    registry.register(ServiceCollector(store, output_dir_of))
+    return generate_latest(registry)

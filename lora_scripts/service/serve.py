@@ -1,0 +1,91 @@
+"""``lora-scripts serve``: the API, the console and the runner under uvicorn; ``--demo`` adds a tiny model and a
+dataset. The options are declared in :mod:`lora_scripts.cli`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from sqlalchemy.exc import OperationalError
+
+from ..errors import ConfigError
+from .app import ServiceSettings, create_app
+from .security import UploadLimits, is_loopback
+
+
+def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
+    """Translate the command line (and the test hook LORA_SCRIPTS_TRAIN_COMMAND, a JSON list) into settings."""
+    if args.slots is not None and args.slots < 1:
+        raise ConfigError("--slots: must be at least 1")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port: {args.port} is not a port number (1-65535)")
+    if args.db and not args.db.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
+        raise ConfigError(f"--db: {args.db!r} is not a sqlite:/// or postgresql:// URL")
+    command = os.environ.get("LORA_SCRIPTS_TRAIN_COMMAND")
+    limit = int(args.max_upload_mb * 2**20)
+    mirror_options = {}
+    if os.environ.get("LORA_SCRIPTS_S3_ENDPOINT"):
+        mirror_options["endpoint_url"] = os.environ["LORA_SCRIPTS_S3_ENDPOINT"]
+    return ServiceSettings(
+        home=Path(args.home), db_url=args.db, token=args.token, host=args.host, port=args.port, slots=args.slots,
+        run_jobs=not args.no_runner, train_command=json.loads(command) if command else None,
+        limits=UploadLimits(max_file_bytes=limit, max_total_bytes=max(limit * 10, 200 * 2**20)),
+        mirror_url=args.mirror, mirror_options=mirror_options,
+        poll_seconds=float(os.environ.get("LORA_SCRIPTS_RUNNER_POLL", "1.0")),  # how often idle runners look
+    )
+
+
+def prepare_demo(settings: ServiceSettings) -> None:
+    """Put the tiny SD model in <home>/models/tiny-sd and a captioned 'shapes' dataset in the store (once), and
+    pre-fill the job form for them."""
+    from ..testing import make_captioned_images, make_tiny_sd_model
+    from .store import JobStore
+
+    settings.resolved()
+    model = settings.home / "models" / "tiny-sd"
+    if not (model / "model_index.json").exists():
+        print(f"demo: building a tiny Stable Diffusion model in {model}")
+        make_tiny_sd_model(model)
+    store = JobStore(settings.db_url)
+    store.migrate()
+    if not any(d["name"] == "shapes (demo)" for d in store.list_datasets()):
+        dataset_id = "demo-shapes"
+        make_captioned_images(settings.home / "datasets" / dataset_id, count=12)
+        store.create_dataset(dataset_id, "shapes (demo)")
+        print(f"demo: dataset 'shapes (demo)' with 12 captioned images in {settings.home / 'datasets' / dataset_id}")
+    store.dispose()
+    settings.form_defaults = {
+        "name": "demo shapes LoRA", "base_model": "models/tiny-sd", "resolution": 32, "lora_rank": 4, "batch_size": 4,
+        "max_train_steps": 60, "learning_rate": "2e-3", "save_steps": 10,
+        "sample_prompts": "a red circle in the style of lora",
+        "config_yaml": "sample_every_n_steps: 20\nlogging:\n  tensorboard: false\n",
+    }
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Run until Ctrl-C / SIGTERM; running trainers are stopped with a checkpoint and requeued on the way out."""
+    import uvicorn
+
+    settings = settings_from_args(args)
+    if args.demo:
+        prepare_demo(settings)
+    try:
+        app = create_app(settings)
+    except OperationalError as exc:
+        reason = (str(exc.orig).strip().splitlines() or ["no answer"])[0]
+        raise ConfigError(f"--db: cannot use the database ({reason}); check the URL, that the server runs and "
+                          "that the user may connect") from None
+    svc = app.state.service
+    shown = "localhost" if is_loopback(settings.host) else settings.host
+    print(f"lora-scripts service: home {svc.home}, database {svc.store.engine.url.render_as_string(hide_password=True)}")
+    if svc.token_created:
+        print(f"access token (new, saved in {svc.home / 'token'}): {svc.token}")
+    elif not (args.token or os.environ.get("LORA_SCRIPTS_TOKEN")):
+        print(f"access token: in {svc.home / 'token'}")
+    token = svc.token if svc.token_created or args.demo else "<token>"
+    print(f"console: http://{shown}:{settings.port}/login?token={token}   API docs: http://{shown}:{settings.port}/docs",
+          flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    return 0
