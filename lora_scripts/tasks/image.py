@@ -1,4 +1,5 @@
-"""Stable Diffusion 1.x / 2.x LoRA: UNet attention LoRA through peft, VAE and text encoder frozen.
+"""Stable Diffusion 1.x / 2.x / SDXL LoRA through peft: the UNet (attention, optionally the 3x3 convs: LoCon) and,
+with ``train_text_encoder``, the text encoders; the VAE is frozen.
 
 Loss: MSE between the UNet output and the scheduler's target (``epsilon`` -> noise, ``v_prediction`` -> velocity),
 per sample, at a uniformly drawn timestep. Every random draw for a sample (crop, flip, VAE sample, noise, timestep)
@@ -7,7 +8,6 @@ comes from that sample's own seed, so the result is independent of batch layout,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,123 +15,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..data.images import CaptionedImage, augment_caption, center_crop, load_image, load_image_tensor
 from ..errors import ConfigError
 from ..export.kohya import model_family
 from ..lora import effective_alpha, effective_conv_alpha, make_lora_config, make_unet_lora_config
-from .base import DataSummary, RunInfo, SampleKey, Task, require_hub_id
-from .sd_models import (SDXL_RESOLUTION, SDXL, TEXT_ENCODER_TARGETS, LoRANetwork, encode_prompt,
-                        family_of_folder, time_ids)
+from .base import DataSummary, RunInfo, Task
+from .image_data import ImageCaches, ImageCaptionDataset, build_caches, input_ids_key
+from .sd_models import (SDXL, SDXL_RESOLUTION, TEXT_ENCODER_TARGETS, LoRANetwork, check_diffusers_model_path,
+                        encode_prompt, family_of_folder, is_single_file, min_snr_weights)
 
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
-
-
-class ImageCaptionDataset(Dataset):
-    """Captioned images as (pixels in [-1, 1] or cached latents, token ids or cached embeddings, SDXL size
-    conditioning, per-sample seed)."""
-
-    def __init__(self, samples: list[CaptionedImage], tokenizers: list[Any], cfg: Any, family: str,
-                 buckets: list[tuple[int, int]] | None = None, caches: "ImageCaches | None" = None,
-                 sizes: list[tuple[int, int]] | None = None):
-        self.samples = samples
-        self.buckets = buckets  # (width, height) per sample when bucketing
-        self.caches = caches
-        self.sizes = sizes  # original (width, height) per sample
-        self.tokenizers = tokenizers
-        self.family = family
-        self.resolution = cfg.resolution
-        self.random_crop = cfg.random_crop
-        self.random_flip = cfg.random_flip
-        self.caption_options = dict(shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
-                                    trigger_word=cfg.trigger_word, caption_dropout=cfg.caption_dropout)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
-        index, seed = key
-        sample = self.samples[index]
-        rng = np.random.default_rng(seed)
-        size = self.buckets[index] if self.buckets else self.resolution
-        item: dict[str, Any] = {"seed": seed}
-        caches = self.caches
-        if caches is not None and caches.latent_keys:
-            entry = caches.latents.get(caches.latent_keys[index])
-            item["latent_mean"], item["latent_std"] = entry["mean"], entry["std"]
-            crop = center_crop(*self.sizes[index], size)
-        else:
-            pixels, crop = load_image(sample.path, size, rng, self.random_crop, self.random_flip)
-            item["pixels"] = torch.from_numpy(pixels)
-        if self.family == SDXL:
-            width, height = (size, size) if isinstance(size, int) else size
-            item["time_ids"] = time_ids(crop, (height, width))
-        prompt = augment_caption(sample.prompt, rng, **self.caption_options)
-        if caches is not None and caches.text is not None:
-            entry = caches.text.get(caches.text_key(prompt))
-            item["hidden"] = entry["hidden"]
-            if "pooled" in entry:
-                item["pooled"] = entry["pooled"]
-        else:
-            for i, tokenizer in enumerate(self.tokenizers):
-                item[input_ids_key(i)] = tokenize_prompt(tokenizer, prompt)
-        return item
-
-
-def input_ids_key(index: int) -> str:
-    """Batch key of the token ids for the ``index``-th tokenizer: input_ids, input_ids_2."""
-    return "input_ids" if index == 0 else f"input_ids_{index + 1}"
-
-
-def tokenize_prompt(tokenizer: Any, prompt: str) -> torch.Tensor:
-    return tokenizer(
-        prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
-    ).input_ids[0]
-
-
-@dataclass
-class ImageCaches:
-    """Where the cached latents and text embeddings of a run are, and each sample's key."""
-
-    latents: Any = None
-    latent_keys: list[str] = field(default_factory=list)
-    text: Any = None
-    text_fingerprint: str = ""
-
-    def text_key(self, prompt: str) -> str:
-        from ..data.cache import entry_key
-
-        return entry_key("text", prompt, self.text_fingerprint)
-
-
-def is_single_file(base_model: str) -> bool:
-    """An A1111-style checkpoint file (rather than a diffusers folder or hub id)?"""
-    return Path(base_model).expanduser().is_file() or base_model.endswith(SINGLE_FILE_SUFFIXES)
-
-
-def check_diffusers_model_path(base_model: str) -> Path | None:
-    """Return the local folder for ``base_model``, None for a hub id, or raise ConfigError."""
-    path = Path(base_model).expanduser()
-    if path.is_dir():
-        if not (path / "unet" / "config.json").is_file():
-            raise ConfigError(
-                f"base_model: '{base_model}' is not a diffusers Stable Diffusion folder (no unet/config.json); "
-                "expected the layout written by StableDiffusionPipeline.save_pretrained, or a single-file checkpoint"
-            )
-        return path
-    require_hub_id(base_model)
-    return None
-
-
-def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon targets,
-    min(SNR, gamma) / (SNR + 1) for v-prediction."""
-    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = alphas / (1 - alphas)
-    clipped = torch.clamp(snr, max=gamma)
-    if scheduler.config.prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped / snr
 
 
 def adapter_metadata(lora_config: Any, cfg: Any) -> dict[str, Any]:
@@ -312,7 +204,8 @@ class ImageTask(Task):
                 encoder.train()  # dropout in the LoRA branch (CLIP's own dropout is 0)
         self.network = network
         if self.cfg.cache_latents or self.cfg.cache_text_embeddings:
-            self._caches = self._build_caches()
+            self._caches = build_caches(self.cfg, self._samples, self._hashes, self._buckets, self.vae, self.text_encoders,
+                                       self.tokenizers, self.family, device)
         return network
 
     def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -322,47 +215,6 @@ class ImageTask(Task):
         if te_params:
             groups.append({"params": te_params, "lr": self.cfg.text_encoder_lr or self.cfg.learning_rate})
         return groups
-
-    def _build_caches(self) -> ImageCaches:
-        """Fill the caches for every sample (only missing entries are computed); each process fills what it lacks
-        and writes are atomic, so concurrent processes cannot corrupt an entry."""
-        from tqdm.auto import tqdm
-
-        from ..data.cache import TensorCache, entry_key, module_fingerprint
-
-        cfg, device = self.cfg, self.device
-        root = Path(cfg.cache_dir) if cfg.cache_dir else cfg.output_dir / "cache"
-        caches = ImageCaches()
-        show = __import__("os").environ.get("RANK", "0") == "0"
-        if cfg.cache_latents:
-            vae_id = module_fingerprint(self.vae)
-            caches.latents = TensorCache(root / "latents")
-            sizes = self._buckets or [(cfg.resolution, cfg.resolution)] * len(self._samples)
-            caches.latent_keys = [entry_key("latent", h, f"{w}x{hh}", vae_id) for h, (w, hh) in zip(self._hashes, sizes)]
-            todo = [i for i, key in enumerate(caches.latent_keys) if not caches.latents.has(key)]
-            for i in tqdm(todo, desc="cache latents", unit="img", disable=not show or not todo):
-                pixels = load_image_tensor(self._samples[i].path, sizes[i], np.random.default_rng(0))
-                with torch.no_grad():
-                    dist = self.vae.encode(torch.from_numpy(pixels)[None].to(device, self.vae.dtype)).latent_dist
-                caches.latents.put(caches.latent_keys[i], {"mean": dist.mean[0], "std": dist.std[0]})
-        if cfg.cache_text_embeddings:
-            caches.text = TensorCache(root / "text")
-            caches.text_fingerprint = "".join(module_fingerprint(e) for e in self.text_encoders) + "".join(
-                str(t.model_max_length) for t in self.tokenizers)
-            prompts = {augment_caption(s.prompt, np.random.default_rng(0), trigger_word=cfg.trigger_word)
-                       for s in self._samples}
-            if cfg.caption_dropout > 0:
-                prompts.add("")
-            todo = sorted(p for p in prompts if not caches.text.has(caches.text_key(p)))
-            for prompt in tqdm(todo, desc="cache text embeddings", unit="caption", disable=not show or not todo):
-                ids = [tokenize_prompt(t, prompt)[None].to(device) for t in self.tokenizers]
-                with torch.no_grad():
-                    hidden, pooled = encode_prompt(self.text_encoders, ids, self.family)
-                entry = {"hidden": hidden[0]}
-                if pooled is not None:
-                    entry["pooled"] = pooled[0]
-                caches.text.put(caches.text_key(prompt), entry)
-        return caches
 
     def memory_probe(self) -> tuple[list[torch.nn.Module], torch.nn.Module, Any]:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

@@ -14,8 +14,11 @@ from typing import Any, Sequence
 import torch
 
 from ..data.images import Crop
+from ..errors import ConfigError
+from .base import require_hub_id
 
 SD1, SD2, SDXL = "sd1", "sd2", "sdxl"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention, as diffusers' scripts train
 SDXL_RESOLUTION = 1024  # the default resolution for SDXL (512 for the others, the config default)
 
@@ -67,3 +70,33 @@ class LoRANetwork(torch.nn.Module):
         if self.family == SDXL:
             added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
         return self.unet(noisy.to(dtype), timesteps, hidden.to(dtype), added_cond_kwargs=added).sample
+
+
+def is_single_file(base_model: str) -> bool:
+    """An A1111-style checkpoint file (rather than a diffusers folder or hub id)?"""
+    return Path(base_model).expanduser().is_file() or base_model.endswith(SINGLE_FILE_SUFFIXES)
+
+
+def check_diffusers_model_path(base_model: str) -> Path | None:
+    """Return the local folder for ``base_model``, None for a hub id, or raise ConfigError."""
+    path = Path(base_model).expanduser()
+    if path.is_dir():
+        if not (path / "unet" / "config.json").is_file():
+            raise ConfigError(
+                f"base_model: '{base_model}' is not a diffusers Stable Diffusion folder (no unet/config.json); "
+                "expected the layout written by StableDiffusionPipeline.save_pretrained, or a single-file checkpoint"
+            )
+        return path
+    require_hub_id(base_model)
+    return None
+
+
+def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon targets,
+    min(SNR, gamma) / (SNR + 1) for v-prediction."""
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr

@@ -137,7 +137,7 @@ class TextTask(Task):
         for record in records:
             digest.update(json.dumps(record.data, sort_keys=True, default=str).encode())
         units = f", packed into {len(self.rows)} rows of <= {cfg.max_seq_length}" if self.rows is not None else ""
-        truncated = f" (raise max_seq_length to keep them whole)" if self.stats.truncated else ""
+        truncated = " (raise max_seq_length to keep them whole)" if self.stats.truncated else ""
         return DataSummary(
             num_samples=len(self.rows) if self.rows is not None else len(self.samples),
             dataset_hash=digest.hexdigest(),
