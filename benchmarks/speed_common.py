@@ -57,14 +57,21 @@ def emit(result: dict[str, Any]) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def steady_rate(units_per_step: list[float], step_ends: list[float], start: float, warmup: int) -> float:
-    """Units per second over the steps after ``warmup`` (the first steps pay one-off costs: allocator growth, lazy
-    init, oneDNN primitive creation). ``step_ends[i]`` is the clock when step i finished, ``start`` the clock
-    before step 0 began."""
-    if len(step_ends) <= warmup:
-        raise ValueError(f"need more than {warmup} steps to measure after warm-up")
-    begin = step_ends[warmup - 1] if warmup else start
-    return sum(units_per_step[warmup:]) / (step_ends[-1] - begin)
+def clock() -> tuple[float, float]:
+    """(wall, CPU time of this process): with one thread per contender, CPU time does not count the time another
+    job on a shared machine holds the core, so rates per CPU-second are far steadier than per wall-second."""
+    return time.perf_counter(), time.process_time()
+
+
+def rates(units_per_step: list[float], ends: list[tuple[float, float]], start: tuple[float, float], first: int,
+          extra_s: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float]:
+    """(units per wall second, units per CPU second) over steps ``first..`` (``ends[i]``: clocks when step i
+    finished; ``start``: clocks before step 0; ``extra_s``: seconds added to the span, e.g. a cache build)."""
+    if len(ends) <= first:
+        raise ValueError(f"need more than {first} steps")
+    begin = ends[first - 1] if first else start
+    units = sum(units_per_step[first:])
+    return tuple(units / (ends[-1][k] - begin[k] + extra_s[k]) for k in (0, 1))
 
 
 def alternate(contenders: list[str], repeats: int, run: Callable[[str, int], dict[str, Any]],

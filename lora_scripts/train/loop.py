@@ -372,13 +372,14 @@ class Trainer:
         )
         step, loss, last_checkpoint = start_step, None, self.resume_from
         step_times: list[float] = []
-        step_ends: list[float] = []  # perf_counter at the end of each step (benchmarks time steady state from it)
+        # (wall, CPU) clocks at the end of each step: benchmarks take steady-state rates from them
+        step_ends: list[tuple[float, float]] = []
         first_step_at: float | None = None
         loader_iter, loader_epoch = None, None
         self.model.train()
         interrupted: str | None = None
         stop = StopRequest()
-        loop_started = time.perf_counter()
+        loop_started = (time.perf_counter(), time.process_time())
         try:
             stop.__enter__()
             while step < self.total_steps:
@@ -419,7 +420,7 @@ class Trainer:
                 every = cfg.sample_every_n_steps
                 if is_last or (step % every == 0 if every else is_save):
                     self._log_samples(logger, step)
-                step_ends.append(time.perf_counter())
+                step_ends.append((time.perf_counter(), time.process_time()))
                 if not is_last and stop_agreed:
                     interrupted = stop.signal_name or "a signal on another process"
                     if not is_save:
