@@ -374,7 +374,7 @@ class Trainer:
         step_times: list[float] = []
         # (wall, CPU) clocks at the end of each step: benchmarks take steady-state rates from them
         step_ends: list[tuple[float, float]] = []
-        first_step_at: float | None = None
+        first_step_at: tuple[float, float] | None = None  # (unix time, CPU seconds of this process) after step 1
         loader_iter, loader_epoch = None, None
         self.model.train()
         interrupted: str | None = None
@@ -402,7 +402,7 @@ class Trainer:
                 step += 1
                 step_times.append(time.perf_counter() - t0)
                 if first_step_at is None:
-                    first_step_at = time.time()
+                    first_step_at = (time.time(), time.process_time())
                 lr = self.lr_scheduler.get_last_lr()[0]
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1, refresh=False)
@@ -506,8 +506,10 @@ class Trainer:
             "final_loss": result.final_loss,
             "seconds_per_step": result.seconds_per_step,
             "peak_memory_mb": round(result.peak_memory_mb, 1),
-            # unix time the first step of this process finished: `lora-scripts demo` startup is measured from it
-            "first_step_finished_at": result.extra.get("first_step_at"),
+            # when the first step of this process finished (unix time) and the CPU seconds the process had used by
+            # then: benchmarks/startup_speed.py measures `lora-scripts demo` start-up from them
+            "first_step_finished_at": (result.extra.get("first_step_at") or (None, None))[0],
+            "first_step_cpu_s": (result.extra.get("first_step_at") or (None, None))[1],
             "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
             "resumed_from": str(result.resumed_from) if result.resumed_from else None,
             "dataset_hash": self.data.dataset_hash,
