@@ -372,10 +372,14 @@ class Trainer:
         )
         step, loss, last_checkpoint = start_step, None, self.resume_from
         step_times: list[float] = []
+        # (wall, CPU) clocks at the end of each step: benchmarks take steady-state rates from them
+        step_ends: list[tuple[float, float]] = []
+        first_step_at: tuple[float, float] | None = None  # (unix time, CPU seconds of this process) after step 1
         loader_iter, loader_epoch = None, None
         self.model.train()
         interrupted: str | None = None
         stop = StopRequest()
+        loop_started = (time.perf_counter(), time.process_time())
         try:
             stop.__enter__()
             while step < self.total_steps:
@@ -397,6 +401,8 @@ class Trainer:
                     raise self._out_of_memory(step + 1, last_checkpoint) from None
                 step += 1
                 step_times.append(time.perf_counter() - t0)
+                if first_step_at is None:
+                    first_step_at = (time.time(), time.process_time())
                 lr = self.lr_scheduler.get_last_lr()[0]
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1, refresh=False)
@@ -414,6 +420,7 @@ class Trainer:
                 every = cfg.sample_every_n_steps
                 if is_last or (step % every == 0 if every else is_save):
                     self._log_samples(logger, step)
+                step_ends.append((time.perf_counter(), time.process_time()))
                 if not is_last and stop_agreed:
                     interrupted = stop.signal_name or "a signal on another process"
                     if not is_save:
@@ -446,7 +453,8 @@ class Trainer:
             peak_memory_mb=peak_memory_mb(),
             last_checkpoint=last_checkpoint,
             resumed_from=self.resume_from,
-            extra={"train_seconds": sum(step_times), "interrupted": interrupted},
+            extra={"train_seconds": sum(step_times), "interrupted": interrupted, "first_step_at": first_step_at,
+                   "loop_started": loop_started, "step_ends": step_ends},
         )
         if self.is_main:
             self._write_summary(result)
@@ -498,6 +506,10 @@ class Trainer:
             "final_loss": result.final_loss,
             "seconds_per_step": result.seconds_per_step,
             "peak_memory_mb": round(result.peak_memory_mb, 1),
+            # when the first step of this process finished (unix time) and the CPU seconds the process had used by
+            # then: benchmarks/startup_speed.py measures `lora-scripts demo` start-up from them
+            "first_step_finished_at": (result.extra.get("first_step_at") or (None, None))[0],
+            "first_step_cpu_s": (result.extra.get("first_step_at") or (None, None))[1],
             "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
             "resumed_from": str(result.resumed_from) if result.resumed_from else None,
             "dataset_hash": self.data.dataset_hash,

@@ -15,11 +15,13 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter] | list[dic
     ``lr``); a one-line ConfigError when it cannot run here."""
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer == "adamw":
-        tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
-        on_gpu = all(t.is_cuda for t in tensors)
-        # fused AdamW is one kernel per step on CUDA; foreach (the CPU default) batches the per-tensor loops
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
-                                 weight_decay=cfg.weight_decay, fused=True if on_gpu else None)
+        # Fused AdamW: one kernel per step on CUDA and (torch >= 2.4) on CPU, where torch's default is a Python loop
+        # over tensors: 1.6 ms vs 7.4 ms per step for the 256 LoRA tensors of an SD UNet (benchmarks/optimizer_step.py).
+        kwargs = dict(lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # a device or dtype without a fused kernel (or an older torch)
+            return torch.optim.AdamW(params, **kwargs)
     if cfg.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
