@@ -87,11 +87,15 @@ class ImageCaches:
     latent_keys: list[str] = field(default_factory=list)
     text: Any = None
     text_fingerprint: str = ""
+    _text_keys: dict[str, str] = field(default_factory=dict)  # prompt -> key: a sha256 per caption, once
 
     def text_key(self, prompt: str) -> str:
-        from ..data.cache import entry_key
+        key = self._text_keys.get(prompt)
+        if key is None:
+            from ..data.cache import entry_key
 
-        return entry_key("text", prompt, self.text_fingerprint)
+            key = self._text_keys[prompt] = entry_key("text", prompt, self.text_fingerprint)
+        return key
 
 
 def build_caches(cfg: Any, samples: list[CaptionedImage], hashes: list[str], buckets: list[tuple[int, int]] | None,
