@@ -10,7 +10,11 @@ else
 TORCH_SPEC ?= torch
 endif
 
-.PHONY: demo serve-demo test install clean
+# Linters for the deployment files (deploy/): their own venv so checkov's pins never touch the trainer's,
+# npm-groovy-lint (needs a Java runtime at run time) under .tools/npm. Pinned in deploy/lint-requirements.txt.
+TOOLS  := .tools
+
+.PHONY: demo serve-demo test install tools clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +25,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+$(TOOLS)/.installed: deploy/lint-requirements.txt
+	test -x $(TOOLS)/venv/bin/python || $(PYTHON) -m venv $(TOOLS)/venv
+	$(TOOLS)/venv/bin/pip install -q -r deploy/lint-requirements.txt
+	if command -v npm >/dev/null; then npm install -s --no-fund --no-audit --prefix $(TOOLS)/npm npm-groovy-lint@16.2.0; \
+	  else echo "warning: npm not found: the Jenkinsfile lint test will be skipped" >&2; fi
+	touch $@
+
+tools: $(TOOLS)/.installed
+
 demo: install
 	$(VENV)/bin/lora-scripts demo --output-dir demo_output
 
@@ -28,8 +41,8 @@ demo: install
 serve-demo: install
 	$(VENV)/bin/lora-scripts serve --demo --home demo_output/service
 
-test: install
+test: install tools
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) demo_output output
+	rm -rf $(VENV) $(TOOLS) demo_output output
