@@ -45,8 +45,39 @@ def quiet_libraries() -> None:
         lib.disable_progress_bar()
 
 
+def _launch_processes(args: argparse.Namespace) -> int:
+    """``train --nproc N``: re-run this command under torchrun, N processes on this machine (one per GPU; gloo on
+    CPU). torchrun replaces this process, so a SIGTERM sent to our pid reaches every worker (they checkpoint)."""
+    import os
+
+    from .errors import ConfigError
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: {args.nproc} must be at least 1")
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and args.nproc > gpus:
+        raise ConfigError(f"--nproc: {args.nproc} processes but only {gpus} GPU(s) visible; one process per GPU")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+            "-m", "lora_scripts.cli", "train", "--config", str(args.config)]
+    for override in args.overrides:
+        argv += ["--set", override]
+    for flag, value in (("--resume", args.resume), ("--overwrite", args.overwrite), ("--force", args.force),
+                        ("--no-progress", args.no_progress)):
+        if value:
+            argv += [flag] if value is True else [flag, value]
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    import os
+
+    cfg = _load(args)  # a bad config fails here, once, before any process is started
+    if args.nproc is not None and args.nproc != 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_processes(args)
     quiet_libraries()
     from .preflight import check_fits
 
@@ -192,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start afresh in an output_dir that holds another run (deletes its checkpoints and logs)")
     p.add_argument("--force", action="store_true", help="train even if the memory estimate exceeds free GPU memory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="processes on this machine, one per GPU (runs torchrun; gloo on CPU). Multi-node: see "
+                        "docs/deploy.md")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("check", help="check the config, base model path and data without training")
