@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-runner", action="store_true", help="API only; another server on the same database runs jobs")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload file (default 20)")
     p.add_argument("--mirror", metavar="S3_URL", help="copy finished jobs' outputs to s3://bucket/prefix (s3fs)")
+    p.add_argument("--lease", type=float, default=60.0, metavar="SECONDS",
+                   help="servers sharing one database and storage: a server whose heartbeat stops this long is "
+                        "presumed lost and its running jobs resume on another (default 60)")
     p.add_argument("--demo", action="store_true", help="add a tiny model and dataset to the home (offline)")
     p.set_defaults(func=lambda a: __import__("lora_scripts.service", fromlist=["x"]).serve_command(a))
     return parser

@@ -45,6 +45,7 @@ def test_serve_prints_a_new_token_once(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--port", "70000"], "--port: 70000 is not a port number"),
     (["--slots", "0"], "--slots: must be at least 1"),
+    (["--lease", "0"], "--lease: 0 must be a positive number of seconds"),
     (["--db", "mysql://x/y"], "--db: 'mysql://x/y' is not a sqlite:/// or postgresql:// URL"),
     (["--db", "postgresql://nobody@127.0.0.1:1/x"], "--db: cannot use the database"),
     (["--mirror", "/not/s3"], "--mirror: '/not/s3' is not an s3://bucket/prefix URL"),

@@ -43,6 +43,7 @@ class ServiceSettings:
     worker: str | None = None  # default host:port; must be stable across restarts for recovery
     limits: UploadLimits = field(default_factory=UploadLimits)
     poll_seconds: float = 0.5
+    lease_seconds: float = 60.0  # a runner silent this long is presumed dead; others take over its jobs
     mirror_url: str | None = None  # e.g. s3://bucket/prefix: finished jobs' outputs are copied there
     mirror_options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options (endpoint_url, key...)
     form_defaults: dict[str, Any] = field(default_factory=dict)  # pre-filled job form (the demo sets it)
@@ -76,7 +77,7 @@ class Service:
         self.runner = Runner(
             self.store, self.home, self.settings.worker, slots=self.settings.slots,
             command=self.settings.train_command, poll_seconds=self.settings.poll_seconds,
-            on_finish=self._after_job,
+            on_finish=self._after_job, lease_seconds=self.settings.lease_seconds,
         ) if self.settings.run_jobs else None
 
     def _after_job(self, job: dict[str, Any]) -> None:

@@ -11,6 +11,11 @@
 - Start-up recovery: jobs this worker left ``running`` (the server died) are stopped if their trainer is still alive
   (it is not our child any more, so it is found by pid + start time, which rules out a reused pid) and put back in
   the queue, where they are claimed first (oldest) and resume. Queued jobs simply stay queued.
+- Host failure: a heartbeat thread bumps this worker's beat count in the store every ``lease / 6`` seconds. Every
+  runner watches the others' counts; one that stands still for a whole ``lease`` belongs to a dead host, and its
+  running jobs are requeued (:meth:`JobStore.take_over`) and resume here or on any other live host from the latest
+  checkpoint on the shared storage. A worker that was only cut off and comes back finds its jobs gone and kills their
+  trainers (SIGKILL: the new owner writes the checkpoints now) instead of finishing them.
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ class Runner:
     def __init__(
         self, store: JobStore, home: Path, worker: str, slots: int | None = None,
         command: list[str] | None = None, poll_seconds: float = 0.5,
-        on_finish: Callable[[dict[str, Any]], None] | None = None,
+        on_finish: Callable[[dict[str, Any]], None] | None = None, lease_seconds: float = 60.0,
     ) -> None:
         self.store, self.home, self.worker = store, home, worker
         gpus = detect_gpus()
@@ -103,10 +108,20 @@ class Runner:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.started_jobs = 0
+        # host failure: our beats, and what we saw of the others' (worker -> (beats, monotonic time it last changed))
+        self.lease_seconds = lease_seconds
+        self.beat_seconds = max(0.1, lease_seconds / 6)
+        self._beating = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+        self._seen: dict[str, tuple[int, float]] = {}
+        self._last_watch = 0.0
 
     # --- life cycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Recover what a dead server left behind, then run jobs in a background thread."""
+        """Start beating, recover what a dead server left behind, then run jobs in a background thread."""
+        self.store.heartbeat(self.worker)
+        self._beat_thread = threading.Thread(target=self._beat_loop, name="lora-heartbeat", daemon=True)
+        self._beat_thread.start()
         self.recover()
         self._thread = threading.Thread(target=self._loop, name="lora-runner", daemon=True)
         self._thread.start()
@@ -141,6 +156,9 @@ class Runner:
             else:
                 self.store.requeue(run.job_id, self.worker)
         self.running.clear()
+        self._beating.set()  # only now: beats go on while trainers checkpoint, so nobody takes their jobs early
+        if self._beat_thread is not None:
+            self._beat_thread.join()
 
     def recover(self, grace_seconds: float = 120.0) -> list[str]:
         """Requeue this worker's jobs that a dead server left running, stopping a leftover trainer first."""
@@ -170,13 +188,18 @@ class Runner:
                 self.tick()
             except Exception as exc:  # a database hiccup must not kill the runner; log and retry
                 print(f"runner: {type(exc).__name__}: {exc}", file=sys.stderr)
+                self._seen.clear()  # we could not watch: judge nobody dead on time we did not see
             # a short wait while trainers run (to reap them promptly), the full poll when idle; wake() cuts it short
             self._wake.wait(self.poll_seconds if not self.running else min(self.poll_seconds, 0.1))
             self._wake.clear()
 
     def tick(self) -> None:
-        """One round: reap finished trainers, forward cancels, start queued jobs on free slots."""
+        """One round: reap finished trainers, drop jobs taken from us, take over dead workers' jobs, forward cancels,
+        start queued jobs on free slots."""
         self._reap()
+        if time.monotonic() - self._last_watch >= self.beat_seconds:
+            self._drop_lost_jobs()
+            self._watch_workers()
         for job_id in self.store.cancel_requested(self.worker):
             run = self.running.get(job_id)
             if run is not None and not run.terminated:
@@ -237,6 +260,45 @@ class Runner:
                     self.on_finish(self.store.get_job(job_id))
                 except Exception as exc:  # e.g. the S3 mirror is down: the job itself is done
                     self._append_log(job_id, f"[service] after-job hook failed: {type(exc).__name__}: {exc}")
+
+    # --- host failure -------------------------------------------------------------------------------------------
+    def _beat_loop(self) -> None:
+        while not self._beating.wait(self.beat_seconds):
+            try:
+                self.store.heartbeat(self.worker)
+            except Exception as exc:  # the database is away: keep trying; others may take our jobs meanwhile
+                print(f"runner heartbeat: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    def _watch_workers(self) -> None:
+        """Take over the jobs of every worker whose beat count stood still for a whole lease."""
+        now = time.monotonic()
+        if now - self._last_watch > 3 * self.beat_seconds:
+            self._seen.clear()  # we were away (stalled, or the database was): start every clock afresh
+        self._last_watch = now
+        for worker, beats in self.store.worker_beats().items():
+            if worker == self.worker:
+                continue
+            seen = self._seen.get(worker)
+            if seen is None or seen[0] != beats:
+                self._seen[worker] = (beats, now)
+            elif now - seen[1] >= self.lease_seconds:
+                for job_id in self.store.take_over(worker, beats):
+                    self._append_log(job_id, f"[service] worker {worker} sent no heartbeat for "
+                                     f"{self.lease_seconds:g} s (its host is presumed lost); requeued by {self.worker} "
+                                     "to resume from its latest checkpoint")
+                del self._seen[worker]
+                self._wake.set()
+
+    def _drop_lost_jobs(self) -> None:
+        """Kill the trainers of jobs another worker took over while we were cut off from the store."""
+        lost = set(self.running) - self.store.still_ours(self.worker, list(self.running))
+        for job_id in lost:
+            run = self.running.pop(job_id)
+            _killpg(run.proc.pid, signal.SIGKILL)  # not SIGTERM: its checkpoint would race the new owner's
+            run.proc.wait()
+            run.log.close()
+            self._append_log(job_id, f"[service] {self.worker} lost this job to another worker (its heartbeats "
+                             "lapsed); its trainer here was stopped")
 
     # --- helpers ------------------------------------------------------------------------------------------------
     def _signal(self, run: _Running, sig: int) -> None:

@@ -19,6 +19,8 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
     """Translate the command line (and the test hook LORA_SCRIPTS_TRAIN_COMMAND, a JSON list) into settings."""
     if args.slots is not None and args.slots < 1:
         raise ConfigError("--slots: must be at least 1")
+    if not args.lease > 0:
+        raise ConfigError(f"--lease: {args.lease:g} must be a positive number of seconds")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port: {args.port} is not a port number (1-65535)")
     if args.db and not args.db.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
@@ -34,6 +36,7 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         limits=UploadLimits(max_file_bytes=limit, max_total_bytes=max(limit * 10, 200 * 2**20)),
         mirror_url=args.mirror, mirror_options=mirror_options,
         poll_seconds=float(os.environ.get("LORA_SCRIPTS_RUNNER_POLL", "1.0")),  # how often idle runners look
+        lease_seconds=args.lease,
     )
 
 

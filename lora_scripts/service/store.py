@@ -6,6 +6,11 @@ Schema changes are versioned migrations in :data:`MIGRATIONS`, applied in order 
 Claiming a job is one conditional ``UPDATE ... WHERE id = :id AND state = 'queued'`` whose row count says who won:
 under SQLite writes are serialised, under PostgreSQL the losing transaction re-checks the WHERE clause after the
 winner commits and updates nothing. So two runners (or two servers on one database) never run the same job.
+
+Host failure: every runner bumps its row in ``workers`` (``beats``) every few seconds. Another runner that sees a
+worker's count stand still for a whole lease takes that worker's running jobs over (:meth:`JobStore.take_over`), again
+with a conditional UPDATE, so exactly one survivor requeues each job. Staleness is judged by each observer on its own
+monotonic clock (a count that stopped changing), never by comparing the hosts' wall clocks.
 """
 
 from __future__ import annotations
@@ -69,14 +74,29 @@ jobs = Table(
 )
 
 
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("beats", Integer, nullable=False),  # bumped every heartbeat; others watch it change
+    Column("heartbeat_at", Float, nullable=False),  # wall clock of the last beat (for people; not used to judge)
+    Column("started_at", Float, nullable=False),
+)
+
+
 def _migration_1(conn: Connection) -> None:
     """Initial schema: datasets and jobs."""
     for table in (datasets, jobs):
         table.create(conn, checkfirst=True)
 
 
+def _migration_2(conn: Connection) -> None:
+    """Worker heartbeats, for taking over the jobs of a runner whose host died."""
+    workers.create(conn, checkfirst=True)
+
+
 # Append new migrations here; never edit one that has shipped.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
 
 
 def make_engine(url: str) -> Engine:
@@ -261,3 +281,54 @@ class JobStore:
                 update(jobs).where(jobs.c.id == job_id, jobs.c.state == "running", jobs.c.worker == worker)
                 .values(state="queued", pid=None, proc_start=None)
             ).rowcount == 1
+
+    # --- workers (host failure) ---------------------------------------------------------------------------------
+    def heartbeat(self, worker: str) -> None:
+        """Record that ``worker`` is alive: bump its beat count (creating its row on the first beat)."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            bumped = conn.execute(update(workers).where(workers.c.id == worker)
+                                  .values(beats=workers.c.beats + 1, heartbeat_at=now)).rowcount
+            if not bumped:
+                conn.execute(insert(workers).values(id=worker, beats=1, heartbeat_at=now, started_at=now))
+
+    def worker_beats(self) -> dict[str, int]:
+        """Every worker that holds a running job, with its beat count (-1 for one that never beat)."""
+        with self.engine.begin() as conn:
+            holders = {r[0] for r in conn.execute(select(jobs.c.worker).where(jobs.c.state == "running").distinct())}
+            beats = dict(conn.execute(select(workers.c.id, workers.c.beats)).all())
+        return {w: beats.get(w, -1) for w in holders if w is not None}
+
+    def list_workers(self) -> list[dict[str, Any]]:
+        """All workers that ever beat, most recent beat first."""
+        with self.engine.begin() as conn:
+            return [dict(r._mapping) for r in conn.execute(select(workers).order_by(workers.c.heartbeat_at.desc()))]
+
+    def take_over(self, dead_worker: str, beats: int) -> list[str]:
+        """Requeue the running jobs of ``dead_worker`` if its beat count is still ``beats`` (it did not come back
+        in the meantime); return the ids this call requeued. Safe when several survivors try at once."""
+        taken = []
+        with self.engine.begin() as conn:
+            query = select(workers.c.beats).where(workers.c.id == dead_worker)
+            if self.is_postgres:  # hold its row: a late heartbeat waits for this decision, then counts again
+                query = query.with_for_update()
+            current = conn.execute(query).scalar()
+            if (current if current is not None else -1) != beats:
+                return []
+            ids = [r[0] for r in conn.execute(select(jobs.c.id).where(jobs.c.worker == dead_worker,
+                                                                       jobs.c.state == "running"))]
+            for job_id in ids:
+                if conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == "running",
+                                                   jobs.c.worker == dead_worker)
+                                .values(state="queued", worker=None, pid=None, proc_start=None)).rowcount:
+                    taken.append(job_id)
+        return taken
+
+    def still_ours(self, worker: str, job_ids: list[str]) -> set[str]:
+        """Which of ``job_ids`` are still running under ``worker`` (the rest were taken over)."""
+        if not job_ids:
+            return set()
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(jobs.c.id).where(jobs.c.id.in_(job_ids), jobs.c.worker == worker,
+                                                        jobs.c.state == "running"))
+            return {r[0] for r in rows}
