@@ -9,19 +9,49 @@ import time
 
 import pytest
 
-from .service_helpers import RECORD_COMMAND, wait_for
+from .service_helpers import PG_SKIP_REASON, PG_URL, RECORD_COMMAND, wait_for
+from .test_service_store import make_store, pg_schema_url
 
 pytest.importorskip("sqlalchemy")
 
 
-@pytest.fixture
-def store(tmp_path):
-    from lora_scripts.service.store import JobStore
-
-    store = JobStore(f"sqlite:///{tmp_path / 'db'}")
-    store.migrate()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """A fresh store on SQLite, or on a schema of its own in the test PostgreSQL."""
+    if request.param == "postgresql" and not PG_URL:
+        pytest.skip(PG_SKIP_REASON)
+    urls = pg_schema_url() if request.param == "postgresql" else iter([f"sqlite:///{tmp_path / 'db'}"])
+    store = make_store(next(urls))
     yield store
     store.dispose()
+    next(urls, None)  # drops the PostgreSQL schema
+
+
+def test_survivors_racing_over_a_dead_workers_jobs_requeue_each_once(store):
+    import threading
+
+    from lora_scripts.service.store import JobStore
+
+    for i in range(40):
+        store.create_job(f"j{i:02d}", "j", "x: 1")
+        store.claim_next("dead")
+    others = [JobStore(store.url) for _ in range(4)]
+    taken: list[str] = []
+    start = threading.Barrier(len(others))
+
+    def take(survivor):
+        start.wait()
+        taken.extend(survivor.take_over("dead", -1))
+
+    threads = [threading.Thread(target=take, args=(s,)) for s in others]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for other in others:
+        other.dispose()
+    assert sorted(taken) == [f"j{i:02d}" for i in range(40)]  # every job once, by whichever survivor won
+    assert store.count_by_state()["queued"] == 40
 
 
 def test_take_over_needs_an_unchanged_beat_count_and_happens_once(store):
