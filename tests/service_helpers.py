@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -27,6 +28,40 @@ FINAL = ("succeeded", "failed", "cancelled")
 RECORD_COMMAND = [sys.executable, "-S", "-c",
                   "import os,sys; f=open(sys.argv[1],'a'); f.write(os.environ['LORA_SCRIPTS_JOB_ID']+'\\n')",
                   "{home}/ran.txt"]
+
+
+def database_url(kind: str, sqlite_file: Path):
+    """Yield a fresh database URL of ``kind``: a SQLite file, or (skipping without LORA_SCRIPTS_TEST_PG_URL) a URL
+    whose connections use a new, empty PostgreSQL schema, dropped afterwards. For ``yield from`` in a fixture."""
+    if kind == "sqlite":
+        yield f"sqlite:///{sqlite_file}"
+        return
+    if not PG_URL:
+        import pytest
+
+        pytest.skip(PG_SKIP_REASON)
+    import sqlalchemy
+
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://", 1))
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
+
+
+def start_reference_run(config: dict, path: Path) -> subprocess.Popen:
+    """Start an uninterrupted ``lora-scripts train`` of ``config`` (written to ``path``) beside a service test."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.Popen([sys.executable, "-m", "lora_scripts.cli", "train", "--config", str(path), "--no-progress"],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for(predicate, what: str, timeout: float = 300.0, interval: float = 0.2):

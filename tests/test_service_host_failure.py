@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
-import yaml
 
-from .helpers import assert_same_tensors, cli_env
-from .service_helpers import AUTH, ServerProcess, wait_for, wait_job
+from .helpers import assert_same_tensors
+from .service_helpers import AUTH, ServerProcess, start_reference_run, wait_for, wait_job
 
 pytest.importorskip("fastapi")
 
@@ -29,11 +26,8 @@ def test_a_lost_hosts_job_resumes_on_the_other_host_to_the_same_lora(tmp_path, t
     shared = tmp_path / "shared"  # the NFS/RWX volume both hosts mount: database, datasets, jobs
     shared.mkdir()
     keys = dict(max_train_steps=STEPS, save_steps=2, output_name="lora", batch_size=2)
-    reference_cfg = tiny_image_config(tiny_sd, image_data, tmp_path / "reference", **keys)
-    (tmp_path / "reference.yaml").write_text(yaml.safe_dump(reference_cfg))
-    reference = subprocess.Popen(
-        [sys.executable, "-m", "lora_scripts.cli", "train", "--config", str(tmp_path / "reference.yaml"),
-         "--no-progress"], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reference = start_reference_run(tiny_image_config(tiny_sd, image_data, tmp_path / "reference", **keys),
+                                    tmp_path / "reference.yaml")
 
     hosts = [ServerProcess(shared, extra=["--lease", str(LEASE)]) for _ in range(2)]
     try:

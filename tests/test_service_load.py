@@ -14,8 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from .service_helpers import AUTH, PG_SKIP_REASON, PG_URL, RECORD_COMMAND, ServerProcess, wait_for
-from .test_service_store import pg_schema_url
+from .service_helpers import AUTH, RECORD_COMMAND, ServerProcess, database_url, wait_for
 
 pytest.importorskip("fastapi")
 
@@ -24,12 +23,7 @@ SUBMISSIONS, CLIENTS = 500, 20
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def shared_db(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'home' / 'service.db'}"
-        return
-    if not PG_URL:
-        pytest.skip(PG_SKIP_REASON)
-    yield from pg_schema_url()
+    yield from database_url(request.param, tmp_path / "home" / "service.db")
 
 
 def test_500_submissions_20_clients_two_servers(tmp_path, shared_db):

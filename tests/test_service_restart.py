@@ -3,14 +3,10 @@ an uninterrupted run of the same config."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-import yaml
 
-from .helpers import assert_same_tensors, cli_env
-from .service_helpers import AUTH, ServerProcess, wait_for, wait_job
+from .helpers import assert_same_tensors
+from .service_helpers import AUTH, ServerProcess, start_reference_run, wait_for, wait_job
 
 pytest.importorskip("fastapi")
 
@@ -24,11 +20,8 @@ def test_kill_9_server_mid_job_resumes_to_the_same_lora(tmp_path, tiny_sd, image
     home.mkdir()
     keys = dict(max_train_steps=STEPS, save_steps=2, output_name="lora", batch_size=2)
     # the uninterrupted reference run, alongside the service's run
-    reference_cfg = tiny_image_config(tiny_sd, image_data, tmp_path / "reference", **keys)
-    (tmp_path / "reference.yaml").write_text(yaml.safe_dump(reference_cfg))
-    reference = subprocess.Popen(
-        [sys.executable, "-m", "lora_scripts.cli", "train", "--config", str(tmp_path / "reference.yaml"),
-         "--no-progress"], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reference = start_reference_run(tiny_image_config(tiny_sd, image_data, tmp_path / "reference", **keys),
+                                    tmp_path / "reference.yaml")
 
     server = ServerProcess(home)
     try:

@@ -4,11 +4,10 @@ two servers on one database from running the same job."""
 from __future__ import annotations
 
 import threading
-import uuid
 
 import pytest
 
-from .service_helpers import PG_SKIP_REASON, PG_URL
+from .service_helpers import database_url
 
 pytest.importorskip("sqlalchemy")
 
@@ -16,29 +15,7 @@ pytest.importorskip("sqlalchemy")
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path):
     """A fresh database: a SQLite file, or a schema of its own in the test PostgreSQL."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    if not PG_URL:
-        pytest.skip(PG_SKIP_REASON)
-    yield from pg_schema_url()
-
-
-def pg_schema_url():
-    """Yield a URL whose connections use a new, empty schema; drop it afterwards."""
-    import sqlalchemy
-
-    schema = f"t_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://", 1))
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    sep = "&" if "?" in PG_URL else "?"
-    try:
-        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+    yield from database_url(request.param, tmp_path / "store.db")
 
 
 def make_store(url):

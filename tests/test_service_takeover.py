@@ -3,14 +3,13 @@ only cut off killing the trainers of the jobs it lost."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 
 import pytest
 
-from .service_helpers import PG_SKIP_REASON, PG_URL, RECORD_COMMAND, wait_for
-from .test_service_store import make_store, pg_schema_url
+from .service_helpers import RECORD_COMMAND, database_url, wait_for
+from .test_service_store import make_store
 
 pytest.importorskip("sqlalchemy")
 
@@ -18,9 +17,7 @@ pytest.importorskip("sqlalchemy")
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request, tmp_path):
     """A fresh store on SQLite, or on a schema of its own in the test PostgreSQL."""
-    if request.param == "postgresql" and not PG_URL:
-        pytest.skip(PG_SKIP_REASON)
-    urls = pg_schema_url() if request.param == "postgresql" else iter([f"sqlite:///{tmp_path / 'db'}"])
+    urls = database_url(request.param, tmp_path / "db")
     store = make_store(next(urls))
     yield store
     store.dispose()
