@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 from contextlib import nullcontext
-import os
 import sys
 import tempfile
 import time
@@ -34,7 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speed_common import (  # noqa: E402
-    alternate, clock, command_line, emit, machine_info, median, paired_ratio, rates, run_worker, spread, write_section,
+    add_driver_args, bare_overhead_lines, clock, command_line, emit, machine_info, median, memory_label, paired_ratio,
+    prepare_driver, rate_table, rates, run_contenders, spread, write_section,
 )
 
 # (UNet block_out_channels, VAE block_out_channels, cross_attention_dim / text hidden, norm groups, text layers)
@@ -367,34 +367,20 @@ WORKERS = {"ours": worker_ours, "diffusers": worker_diffusers, "bare": worker_ba
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    add_driver_args(parser, CONTENDERS, batch=4)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the steady rate")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads in every contender (0: torch's default); 1 is steadier on a shared machine")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS))
-    parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra config keys for our contender (e.g. channels_last=true)")
     parser.add_argument("--calibrate", action="store_true", help="also time UNet forward vs VAE encode")
     parser.add_argument("--sd15-time", action="store_true", help="with --calibrate: also time SD1.5 at 512 px here")
-    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         emit(WORKERS[args.worker](json.loads(args.spec)))
         return
 
     import torch
-    import yaml
 
-    if args.threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every contender
-        torch.set_num_threads(args.threads)
+    extra = prepare_driver(args)
     torch.manual_seed(0)
     shape = MODELS["sd15" if args.device == "cuda" else "small"]
     mixed = "bf16" if args.device == "cuda" else "no"
@@ -414,43 +400,23 @@ def main() -> None:
         if args.sd15_time:
             su, sv = time_ratio(MODELS["sd15"], 1, repeats=2)
             calib += f" SD1.5 at 512 px measured here: UNet forward {su:.2f} s, VAE encode {sv:.2f} s, ratio {sv / su:.2f}."
-    extra = {}
-    for item in args.ours_set:
-        key, value = item.split("=", 1)
-        extra[key] = yaml.safe_load(value)
     spec = dict(model=str(model), data=str(data), resolution=shape["resolution"], batch=args.batch,
                 epochs=args.epochs, rank=args.rank, warmup=args.warmup, device=args.device, mixed_precision=mixed,
                 ours_extra=extra)
     contenders = args.contenders.split(",")
+    results = run_contenders(__file__, spec, tmp, contenders, args.repeats)
 
-    def run(name: str, rep: int) -> dict:
-        return run_worker([__file__, "--worker", name, "--spec", json.dumps({**spec, "out": str(tmp / f"{name}-{rep}")})])
-
-    print(f"running {contenders} x {args.repeats}", flush=True)
-    results = alternate(contenders, args.repeats, run)
-
-    rows = ["| contender | steady images/CPU-s | end-to-end images/CPU-s | steady images/s (wall) | "
-            "peak memory MB | runs |", "|---|---:|---:|---:|---:|---:|"]
-    for name in contenders:
-        r = results[name]
-        rows.append(f"| {name} | {spread([x['steady_img_cpu_s'] for x in r], '{:.2f}')} | "
-                    f"{spread([x['e2e_img_cpu_s'] for x in r], '{:.2f}')} | "
-                    f"{spread([x['steady_img_s'] for x in r], '{:.2f}')} | {median([x['peak_rss_mb'] for x in r]):.0f} | "
-                    f"{len(r)} |")
+    rows = rate_table(results, contenders, "images", "img", "{:.2f}")
     ratios = []
     if "ours" in results and "diffusers" in results:
         for key, label in (("e2e_img_cpu_s", "end to end incl. cache build, per CPU-s"),
                            ("steady_img_cpu_s", "steady, per CPU-s"), ("steady_img_s", "steady, wall clock")):
             ratios.append(f"- ours / diffusers-style reference, images/s ({label}): "
                           f"**{spread(paired_ratio(results, 'ours', 'diffusers', key), '{:.2f}')}×** (target ≥ 2.0×)")
-    if "ours" in results and "bare" in results:
-        for key, label in (("steady_img_cpu_s", "steady, CPU time"), ("steady_img_s", "steady, wall clock")):
-            ratios.append(f"- ours / bare loop, time per image ({label}): "
-                          f"**{spread(paired_ratio(results, 'bare', 'ours', key), '{:.3f}')}×** (target ≤ 1.05×)")
+    ratios += bare_overhead_lines(results, "img", "image")
     if "ours" in results:
         ratios.append(f"- our one-off cache build: {median([x['cache_build_s'] for x in results['ours']]):.1f} s "
                       f"(included in ours' end-to-end rate)")
-    memory = "GPU memory (torch.cuda.max_memory_allocated)" if args.device == "cuda" else "peak RSS of the process"
     text = "\n".join([
         f"### Image ({args.device})",
         "",
@@ -460,7 +426,7 @@ def main() -> None:
         f"x {shape['text_layers']} layers, {shape['resolution']} px; {args.images} images, {args.epochs} epochs, "
         f"batch {args.batch}, LoRA rank {args.rank} on {', '.join(TARGETS)}, precision {mixed}; "
         f"medians (min–max) of {args.repeats} runs each, steady state after {args.warmup} warm-up steps; memory: "
-        f"{memory}.  ",
+        f"{memory_label(args.device)}.  ",
         f"Cost per image, FLOPs: UNet forward {u_f / 1e9:.2f} G, VAE encode {v_f / 1e9:.2f} G "
         f"(ratio {v_f / u_f:.2f}), text encoder {t_f / 1e9:.3f} G; SD1.5 at 512 px: {sd_u / 1e9:.0f} G, "
         f"{sd_v / 1e9:.0f} G (ratio {sd_v / sd_u:.2f}), {sd_t / 1e9:.1f} G.{calib}",

@@ -11,6 +11,7 @@ A worker prints one line ``RESULT <json>`` as its last output; everything else i
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -147,3 +148,74 @@ def write_section(name: str, text: str, doc: Path = DOC) -> None:
         current = current.rstrip() + "\n\n" + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(current, encoding="utf-8")
+
+
+# --- the drivers' shared parts (image_speed.py, text_speed.py) ------------------------------------------------------
+def add_driver_args(parser: argparse.ArgumentParser, contenders: list[str], batch: int) -> None:
+    """The options every speed driver takes, plus the hidden ones a contender's worker process gets."""
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads in every contender (0: torch's default); 1 is steadier on a shared machine")
+    parser.add_argument("--contenders", default=",".join(contenders))
+    parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config keys for our contender (e.g. channels_last=true)")
+    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+
+
+def prepare_driver(args: argparse.Namespace) -> dict[str, Any]:
+    """Pin torch's threads (inherited by every contender through OMP_NUM_THREADS) and parse ``--ours-set``."""
+    import torch
+    import yaml
+
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    extra = {}
+    for item in args.ours_set:
+        key, value = item.split("=", 1)
+        extra[key] = yaml.safe_load(value)
+    return extra
+
+
+def run_contenders(script: str, spec: dict[str, Any], tmp: Path, contenders: list[str],
+                   repeats: int) -> dict[str, list[dict[str, Any]]]:
+    """Every contender ``repeats`` times, alternating, each in a fresh ``python script --worker NAME`` process."""
+    def run(name: str, rep: int) -> dict[str, Any]:
+        return run_worker([script, "--worker", name, "--spec", json.dumps({**spec, "out": str(tmp / f"{name}-{rep}")})])
+
+    print(f"running {contenders} x {repeats}", flush=True)
+    return alternate(contenders, repeats, run)
+
+
+def rate_table(results: dict[str, list[dict[str, Any]]], contenders: list[str], unit: str, prefix: str,
+               fmt: str) -> list[str]:
+    """The markdown table of steady / end-to-end rates per CPU-second, wall-clock rate and peak memory; ``prefix``
+    picks the result keys (``steady_<prefix>_cpu_s``, ``e2e_<prefix>_cpu_s``, ``steady_<prefix>_s``)."""
+    rows = [f"| contender | steady {unit}/CPU-s | end-to-end {unit}/CPU-s | steady {unit}/s (wall) | "
+            "peak memory MB | runs |", "|---|---:|---:|---:|---:|---:|"]
+    for name in contenders:
+        r = results[name]
+        rows.append(f"| {name} | {spread([x[f'steady_{prefix}_cpu_s'] for x in r], fmt)} | "
+                    f"{spread([x[f'e2e_{prefix}_cpu_s'] for x in r], fmt)} | "
+                    f"{spread([x[f'steady_{prefix}_s'] for x in r], fmt)} | "
+                    f"{median([x['peak_rss_mb'] for x in r]):.0f} | {len(r)} |")
+    return rows
+
+
+def bare_overhead_lines(results: dict[str, list[dict[str, Any]]], prefix: str, unit: str) -> list[str]:
+    """Ours against the bare loop, as time per ``unit`` (target ≤ 1.05×), when both ran."""
+    if "ours" not in results or "bare" not in results:
+        return []
+    return [f"- ours / bare loop, time per {unit} ({label}): "
+            f"**{spread(paired_ratio(results, 'bare', 'ours', key), '{:.3f}')}×** (target ≤ 1.05×)"
+            for key, label in ((f"steady_{prefix}_cpu_s", "steady, CPU time"), (f"steady_{prefix}_s", "steady, wall clock"))]
+
+
+def memory_label(device: str) -> str:
+    """What the table's memory column measures on ``device``."""
+    return "GPU memory (torch.cuda.max_memory_allocated)" if device == "cuda" else "peak RSS of the process"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speed_common import (  # noqa: E402
-    alternate, clock, command_line, emit, machine_info, median, paired_ratio, rates, run_worker, spread, write_section,
+    add_driver_args, bare_overhead_lines, clock, command_line, emit, machine_info, memory_label, paired_ratio,
+    prepare_driver, rate_table, rates, run_contenders, spread, write_section,
 )
 
 MODELS = {
@@ -240,20 +240,9 @@ WORKERS = {"ours": worker_ours, "hf": worker_hf, "bare": worker_bare}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    add_driver_args(parser, CONTENDERS, batch=8)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads in every contender (0: torch's default); 1 is steadier on a shared machine")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS))
-    parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra config keys for our contender")
-    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         emit(WORKERS[args.worker](json.loads(args.spec)))
@@ -261,52 +250,27 @@ def main() -> None:
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the last one is the steady-state measurement)")
 
-    import torch
-    import yaml
-
-    if args.threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-        torch.set_num_threads(args.threads)
+    extra = prepare_driver(args)
     shape = MODELS["1b" if args.device == "cuda" else "small"]
     mixed = "bf16" if args.device == "cuda" else "no"
     tmp = Path(tempfile.mkdtemp(prefix="text-speed-"))
     model = make_model(tmp / "lm", shape)
     make_chat_data(tmp / "chat.jsonl", args.samples)
-    extra = {}
-    for item in args.ours_set:
-        key, value = item.split("=", 1)
-        extra[key] = yaml.safe_load(value)
     spec = dict(model=str(model), data=str(tmp / "chat.jsonl"), batch=args.batch, epochs=args.epochs, rank=args.rank,
                 device=args.device, mixed_precision=mixed, ours_extra=extra, out=str(tmp / "probe"))
     lengths = sorted(len(s) for s in _tokenized(spec).samples)
     grouped, shuffled = padding_efficiency(lengths, args.batch)
     params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model).parameters())
     contenders = args.contenders.split(",")
-
-    def run(name: str, rep: int) -> dict:
-        return run_worker([__file__, "--worker", name, "--spec", json.dumps({**spec, "out": str(tmp / f"{name}-{rep}")})])
-
-    print(f"running {contenders} x {args.repeats}", flush=True)
-    results = alternate(contenders, args.repeats, run)
-    rows = ["| contender | steady real tokens/CPU-s | end-to-end real tokens/CPU-s | steady real tokens/s (wall) | "
-            "peak memory MB | runs |", "|---|---:|---:|---:|---:|---:|"]
-    for name in contenders:
-        r = results[name]
-        rows.append(f"| {name} | {spread([x['steady_tok_cpu_s'] for x in r], '{:.0f}')} | "
-                    f"{spread([x['e2e_tok_cpu_s'] for x in r], '{:.0f}')} | "
-                    f"{spread([x['steady_tok_s'] for x in r], '{:.0f}')} | {median([x['peak_rss_mb'] for x in r]):.0f} | "
-                    f"{len(r)} |")
+    results = run_contenders(__file__, spec, tmp, contenders, args.repeats)
+    rows = rate_table(results, contenders, "real tokens", "tok", "{:.0f}")
     ratios = []
     if "ours" in results and "hf" in results:
         for key, label in (("steady_tok_cpu_s", "steady, per CPU-s"), ("e2e_tok_cpu_s", "end to end, per CPU-s"),
                            ("steady_tok_s", "steady, wall clock")):
             ratios.append(f"- ours / HF Trainer + PEFT, real tokens/s ({label}): "
                           f"**{spread(paired_ratio(results, 'ours', 'hf', key), '{:.2f}')}×** (target ≥ 2.5×)")
-    if "ours" in results and "bare" in results:
-        for key, label in (("steady_tok_cpu_s", "steady, CPU time"), ("steady_tok_s", "steady, wall clock")):
-            ratios.append(f"- ours / bare loop, time per real token ({label}): "
-                          f"**{spread(paired_ratio(results, 'bare', 'ours', key), '{:.3f}')}×** (target ≤ 1.05×)")
-    memory = "GPU memory (torch.cuda.max_memory_allocated)" if args.device == "cuda" else "peak RSS of the process"
+    ratios += bare_overhead_lines(results, "tok", "real token")
     text = "\n".join([
         f"### Text ({args.device})",
         "",
@@ -317,7 +281,7 @@ def main() -> None:
         f"{lengths[0]}–{lengths[-1]} tokens (median {lengths[len(lengths) // 2]}, mean "
         f"{sum(lengths) / len(lengths):.0f}), {args.epochs} epochs, batch {args.batch}, LoRA rank {args.rank} on "
         f"q/k/v/o, precision {mixed}; medians (min–max) of {args.repeats} runs each, steady state = the last epoch; "
-        f"memory: {memory}. Real tokens / tokens computed (padding included): {grouped:.0%} in our length-grouped "
+        f"memory: {memory_label(args.device)}. Real tokens / tokens computed (padding included): {grouped:.0%} in our length-grouped "
         f"batches, {shuffled:.0%} in shuffled batches (mean of 200 shuffles).",
         "",
         *rows,
