@@ -13,7 +13,11 @@ from pathlib import Path
 
 def serve_port(argv: list[str]) -> int | None:
     """The port ``lora-scripts ... serve`` listens on, from its arguments; None if it is not ``serve``."""
-    if "serve" not in argv:
+    # PID 1 is the console script (python /opt/venv/bin/lora-scripts serve ...), or an init (docker run --init) in
+    # front of it: the command is the first word after the program's name
+    program = next((i for i, a in enumerate(argv) if a.rsplit("/", 1)[-1] in ("lora-scripts", "lora_scripts.cli")),
+                   None)
+    if program is None or next((a for a in argv[program + 1:] if not a.startswith("-")), None) != "serve":
         return None
     port = 7860  # the CLI's default
     for i, arg in enumerate(argv):
@@ -24,8 +28,8 @@ def serve_port(argv: list[str]) -> int | None:
     return port
 
 
-def main() -> int:
-    argv = [a.decode(errors="replace") for a in Path("/proc/1/cmdline").read_bytes().split(b"\0") if a]
+def main(cmdline: Path = Path("/proc/1/cmdline")) -> int:
+    argv = [a.decode(errors="replace") for a in cmdline.read_bytes().split(b"\0") if a]
     port = serve_port(argv)
     if port is None:
         return 0
