@@ -14,7 +14,7 @@ endif
 # npm-groovy-lint (needs a Java runtime at run time) under .tools/npm. Pinned in deploy/lint-requirements.txt.
 TOOLS  := .tools
 
-.PHONY: demo serve-demo test install tools clean
+.PHONY: demo serve-demo test install tools lock clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,21 @@ $(TOOLS)/.installed: deploy/lint-requirements.txt
 	touch $@
 
 tools: $(TOOLS)/.installed
+
+# Regenerate deploy/docker/requirements.lock, the hash-pinned dependencies of the Docker image and the Jenkins
+# pipeline: pyproject.toml's dependencies and `service` extra plus deploy/docker/requirements.in (torch). Run after
+# changing a pin; pins already in the lock are kept unless LOCK_ARGS=--upgrade. Needs the image's Python (3.12) and
+# PyPI; pip-tools goes into a throwaway venv. Local pip configuration (wheel folders, extra indexes, constraints) is
+# ignored so the lock holds PyPI's files and hashes. Not run by CI.
+LOCK_PYTHON ?= python3.12
+LOCK_ARGS ?=
+lock:
+	tmp=$$(mktemp -d /tmp/lora-scripts-lock.XXXXXX) && trap 'rm -rf "$$tmp"' EXIT && \
+	export PIP_CONFIG_FILE=/dev/null && unset PIP_FIND_LINKS PIP_EXTRA_INDEX_URL PIP_INDEX_URL PIP_CONSTRAINT && \
+	$(LOCK_PYTHON) -m venv "$$tmp" && "$$tmp/bin/pip" install -q pip-tools==7.6.2 && \
+	"$$tmp/bin/pip-compile" --quiet --generate-hashes --allow-unsafe --strip-extras --extra service \
+	  --no-emit-index-url --no-emit-find-links $(LOCK_ARGS) --output-file deploy/docker/requirements.lock \
+	  pyproject.toml deploy/docker/requirements.in
 
 demo: install
 	$(VENV)/bin/lora-scripts demo --output-dir demo_output

@@ -154,6 +154,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app = FastAPI(title="lora-scripts service", version=_version(), lifespan=lifespan,
                   description="Submit LoRA training jobs, watch them, download the results.")
     app.state.service = service
+    from .metrics import HttpMetrics, HttpMetricsMiddleware
+
+    app.state.http_metrics = HttpMetrics()
+    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.http_metrics)  # request count and latency per route
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -186,13 +190,14 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return JSONResponse({"ready": not problems, "problems": problems}, status_code=503 if problems else 200)
 
     @app.get("/metrics", tags=["ops"], dependencies=[Depends(require_read)])
-    def metrics(svc: Service = Depends(get_service)) -> Response:
+    def metrics(request: Request, svc: Service = Depends(get_service)) -> Response:
         """Prometheus metrics."""
         from prometheus_client import CONTENT_TYPE_LATEST
 
         from .metrics import render_metrics
 
-        return Response(render_metrics(svc.store, svc.output_dir), media_type=CONTENT_TYPE_LATEST)
+        return Response(render_metrics(svc.store, svc.output_dir, request.app.state.http_metrics),
+                        media_type=CONTENT_TYPE_LATEST)
 
     # --- console ------------------------------------------------------------------------------------------------
     def page(request: Request, name: str, **context: Any) -> HTMLResponse:

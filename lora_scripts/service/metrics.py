@@ -1,7 +1,8 @@
-"""Prometheus metrics, computed at scrape time from the store and the running jobs' ``logs/loss.csv``.
+"""Prometheus metrics, computed at scrape time from the store and the running jobs' ``logs/loss.csv``, plus this
+process's HTTP requests (count and latency per route, what a canary analysis compares between versions).
 
-Reading the database on each scrape keeps the numbers true for every server sharing it (a counter in one process
-would miss the jobs another server ran).
+Reading the database on each scrape keeps the job numbers true for every server sharing it (a counter in one process
+would miss the jobs another server ran). The HTTP metrics are per process on purpose: they describe this server.
 """
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ from __future__ import annotations
 import csv
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.routing import Mount
 
 from .store import STATES, JobStore
 
@@ -108,8 +112,69 @@ class ServiceCollector(Collector):
             yield total
 
 
-def render_metrics(store: JobStore, output_dir_of: callable) -> bytes:
-    """The Prometheus text exposition of :class:`ServiceCollector`."""
+class HttpMetrics:
+    """``lora_http_requests_total{method,route,status}``, ``lora_http_request_duration_seconds{method,route}`` and
+    the process metrics (memory, CPU), in a registry of their own: one per app, as tests build many apps in a process
+    and the global registry refuses a second metric of the same name. ``route`` is the matched route template
+    (``/api/jobs/{job_id}``), never the raw path, so the number of series stays bounded."""
+
+    # seconds; API calls take milliseconds, uploads and artifact downloads up to seconds
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("lora_http_requests", "HTTP requests answered, by route template and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.duration = Histogram("lora_http_request_duration_seconds", "Time to answer an HTTP request (to the "
+                                  "end of the response body)", ["method", "route"], buckets=self.BUCKETS,
+                                  registry=self.registry)
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
+
+
+def route_template(scope: dict[str, Any]) -> str:
+    """The template of the route that answered (``/jobs/{job_id}``, ``/static/{path}``), else ``unmatched``."""
+    route = scope.get("route")  # set on the request's scope by the router for FastAPI's own routes
+    template = getattr(route, "path_format", None)
+    if template:
+        return template
+    path = scope.get("path", "")
+    for mount in getattr(scope.get("app"), "routes", ()):  # a mount (the console's /static) does not set it
+        if isinstance(mount, Mount) and (path == mount.path or path.startswith(mount.path + "/")):
+            return mount.path_format
+    return "unmatched"
+
+
+class HttpMetricsMiddleware:
+    """ASGI middleware recording every HTTP request in :class:`HttpMetrics`. An exception that escapes the app counts
+    as a 500 (the server's error handler answers it so)."""
+
+    def __init__(self, app: Any, metrics: HttpMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def send_and_note(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            method, route = scope["method"], route_template(scope)
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.duration.labels(method, route).observe(time.perf_counter() - start)
+
+
+def render_metrics(store: JobStore, output_dir_of: callable, http: HttpMetrics | None = None) -> bytes:
+    """The Prometheus text exposition of :class:`ServiceCollector` and, when given, the HTTP metrics."""
     registry = CollectorRegistry()
     registry.register(ServiceCollector(store, output_dir_of))
-    return generate_latest(registry)
+    return generate_latest(registry) + (generate_latest(http.registry) if http is not None else b"")
