@@ -216,6 +216,7 @@ class KubernetesRunner:
         self.running: dict[str, _Tracked] = {}
         self.reattached: list[str] = []
         self.started_jobs = 0
+        self.log_sync_seconds = LOG_SYNC_SECONDS
         self._recovered = False
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -363,7 +364,7 @@ class KubernetesRunner:
                                      "resume from the latest checkpoint")
                 continue
             done = _condition(k8s_job)
-            if done is not None or time.monotonic() - run.last_sync >= LOG_SYNC_SECONDS:
+            if done is not None or time.monotonic() - run.last_sync >= self.log_sync_seconds:
                 self._sync_log(run)
             if done is None or run.deleting:
                 continue  # still running, or waiting for our Foreground delete to finish
