@@ -122,8 +122,13 @@ def render_job(
     # the local runner's command (runner.DEFAULT_COMMAND) minus the interpreter: the image's entrypoint is lora-scripts
     container["args"] = ["train", "--config", str(folder / "config.yaml"), "--resume", "latest", "--no-progress"]
     container["workingDir"] = str(folder)
-    env = [e for e in container.get("env", []) if e["name"] != "LORA_SCRIPTS_JOB_ID"]
-    container["env"] = [*env, {"name": "LORA_SCRIPTS_JOB_ID", "value": job_id}]
+    env = container.setdefault("env", [])
+    entry = next((e for e in env if e["name"] == "LORA_SCRIPTS_JOB_ID"), None)
+    if entry is None:
+        env.append({"name": "LORA_SCRIPTS_JOB_ID", "value": job_id})
+    else:
+        entry.clear()
+        entry.update(name="LORA_SCRIPTS_JOB_ID", value=job_id)
     for volume in pod["spec"]["volumes"]:
         if volume["name"] == DATA_VOLUME and claim:
             volume["persistentVolumeClaim"]["claimName"] = claim
