@@ -86,7 +86,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = train(cfg, show_progress=not args.no_progress)
     if result.extra.get("interrupted"):
-        return 0
+        # 0 by default (a checkpoint was written); a Kubernetes Job sets 143 so that a drained or preempted pod
+        # counts as failed (and is retried, resuming) instead of completing the Job
+        return int(os.environ.get("LORA_SCRIPTS_INTERRUPTED_EXIT_CODE", "0"))
     if result.files:
         print("\nfinished: %d steps, final loss %s" % (result.steps, f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"))
         if result.seconds_per_step is not None:
@@ -272,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="servers sharing one database and storage: a server whose heartbeat stops this long is "
                         "presumed lost and its running jobs resume on another (default 60)")
     p.add_argument("--demo", action="store_true", help="add a tiny model and dataset to the home (offline)")
+    p.add_argument("--runner", choices=["local", "kubernetes"], default=None,
+                   help="local: trainers as subprocesses here (default); kubernetes: one batch/v1 Job per job "
+                   "(default from LORA_SCRIPTS_RUNNER)")
+    p.add_argument("--k8s-namespace", help="kubernetes runner: namespace of the Jobs (default: "
+                   "LORA_SCRIPTS_K8S_NAMESPACE, else the service pod's own)")
+    p.add_argument("--k8s-image", help="kubernetes runner: trainer image (default: LORA_SCRIPTS_K8S_IMAGE, else the "
+                   "service pod's own image)")
+    p.add_argument("--k8s-kubeconfig", help="kubernetes runner: kubeconfig file (default: LORA_SCRIPTS_K8S_KUBECONFIG, "
+                   "else the in-cluster service account)")
     p.set_defaults(func=lambda a: __import__("lora_scripts.service", fromlist=["x"]).serve_command(a))
     return parser
 

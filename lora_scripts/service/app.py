@@ -47,6 +47,8 @@ class ServiceSettings:
     mirror_url: str | None = None  # e.g. s3://bucket/prefix: finished jobs' outputs are copied there
     mirror_options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options (endpoint_url, key...)
     form_defaults: dict[str, Any] = field(default_factory=dict)  # pre-filled job form (the demo sets it)
+    runner: str = "local"  # local: subprocesses here; kubernetes: one batch/v1 Job per job (k8s_runner.py)
+    k8s_options: dict[str, Any] = field(default_factory=dict)  # KubernetesRunner keywords (namespace, image...)
 
     def resolved(self) -> "ServiceSettings":
         """Fill in the defaults that depend on the environment and the home folder."""
@@ -74,11 +76,19 @@ class Service:
             from .mirror import Mirror
 
             self.mirror = Mirror(self.settings.mirror_url, self.settings.mirror_options)
-        self.runner = Runner(
-            self.store, self.home, self.settings.worker, slots=self.settings.slots,
-            command=self.settings.train_command, poll_seconds=self.settings.poll_seconds,
-            on_finish=self._after_job, lease_seconds=self.settings.lease_seconds,
-        ) if self.settings.run_jobs else None
+        self.runner: Any = None  # Runner or KubernetesRunner: start/stop/wake/alive/tick/recover
+        if self.settings.run_jobs and self.settings.runner == "kubernetes":
+            from .k8s_runner import KubernetesRunner  # the kubernetes client is imported only here
+
+            self.runner = KubernetesRunner(
+                self.store, self.home, self.settings.worker, slots=self.settings.slots,
+                poll_seconds=self.settings.poll_seconds, on_finish=self._after_job, **self.settings.k8s_options)
+        elif self.settings.run_jobs:
+            self.runner = Runner(
+                self.store, self.home, self.settings.worker, slots=self.settings.slots,
+                command=self.settings.train_command, poll_seconds=self.settings.poll_seconds,
+                on_finish=self._after_job, lease_seconds=self.settings.lease_seconds,
+            )
 
     def _after_job(self, job: dict[str, Any]) -> None:
         if self.mirror is not None and job["state"] == "succeeded":

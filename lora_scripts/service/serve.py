@@ -25,6 +25,10 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         raise ConfigError(f"--port: {args.port} is not a port number (1-65535)")
     if args.db and not args.db.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
         raise ConfigError(f"--db: {args.db!r} is not a sqlite:/// or postgresql:// URL")
+    runner = getattr(args, "runner", None) or os.environ.get("LORA_SCRIPTS_RUNNER") or "local"
+    if runner not in ("local", "kubernetes"):
+        raise ConfigError(f"LORA_SCRIPTS_RUNNER: {runner!r} is not 'local' or 'kubernetes'")
+    k8s_options = {key: getattr(args, f"k8s_{key}", None) for key in ("namespace", "image", "kubeconfig")}
     command = os.environ.get("LORA_SCRIPTS_TRAIN_COMMAND")
     limit = int(args.max_upload_mb * 2**20)
     mirror_options = {}
@@ -37,6 +41,7 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         mirror_url=args.mirror, mirror_options=mirror_options,
         poll_seconds=float(os.environ.get("LORA_SCRIPTS_RUNNER_POLL", "1.0")),  # how often idle runners look
         lease_seconds=args.lease,
+        runner=runner, k8s_options={k: v for k, v in k8s_options.items() if v},
     )
 
 

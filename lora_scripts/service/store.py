@@ -293,11 +293,13 @@ class JobStore:
                 conn.execute(insert(workers).values(id=worker, beats=1, heartbeat_at=now, started_at=now))
 
     def worker_beats(self) -> dict[str, int]:
-        """Every worker that holds a running job, with its beat count (-1 for one that never beat)."""
+        """Every beating worker that holds a running job, with its beat count. Workers that never beat are left
+        out: the kubernetes runner, whose Jobs outlive it (the cluster reschedules them), and servers from before
+        heartbeats existed (they recover their own jobs when restarted)."""
         with self.engine.begin() as conn:
             holders = {r[0] for r in conn.execute(select(jobs.c.worker).where(jobs.c.state == "running").distinct())}
             beats = dict(conn.execute(select(workers.c.id, workers.c.beats)).all())
-        return {w: beats.get(w, -1) for w in holders if w is not None}
+        return {w: beats[w] for w in holders if w in beats}
 
     def list_workers(self) -> list[dict[str, Any]]:
         """All workers that ever beat, most recent beat first."""
@@ -312,8 +314,7 @@ class JobStore:
             query = select(workers.c.beats).where(workers.c.id == dead_worker)
             if self.is_postgres:  # hold its row: a late heartbeat waits for this decision, then counts again
                 query = query.with_for_update()
-            current = conn.execute(query).scalar()
-            if (current if current is not None else -1) != beats:
+            if conn.execute(query).scalar() != beats:
                 return []
             ids = [r[0] for r in conn.execute(select(jobs.c.id).where(jobs.c.worker == dead_worker,
                                                                        jobs.c.state == "running"))]
