@@ -35,7 +35,7 @@ $(TOOLS)/.installed: deploy/lint-requirements.txt
 tools: $(TOOLS)/.installed
 
 # Regenerate deploy/docker/requirements.lock, the hash-pinned dependencies of the Docker image and the Jenkins
-# pipeline: pyproject.toml's dependencies and `service` extra plus deploy/docker/requirements.in (torch). Run after
+# pipeline: pyproject.toml's dependencies, `service` and `kubernetes` extras plus deploy/docker/requirements.in (torch). Run after
 # changing a pin; pins already in the lock are kept unless LOCK_ARGS=--upgrade. Needs the image's Python (3.12) and
 # PyPI; pip-tools goes into a throwaway venv. Local pip configuration (wheel folders, extra indexes, constraints) is
 # ignored so the lock holds PyPI's files and hashes. Not run by CI.
@@ -45,7 +45,7 @@ lock:
 	tmp=$$(mktemp -d /tmp/lora-scripts-lock.XXXXXX) && trap 'rm -rf "$$tmp"' EXIT && \
 	export PIP_CONFIG_FILE=/dev/null && unset PIP_FIND_LINKS PIP_EXTRA_INDEX_URL PIP_INDEX_URL PIP_CONSTRAINT && \
 	$(LOCK_PYTHON) -m venv "$$tmp" && "$$tmp/bin/pip" install -q pip-tools==7.6.2 && \
-	"$$tmp/bin/pip-compile" --quiet --generate-hashes --allow-unsafe --strip-extras --extra service \
+	"$$tmp/bin/pip-compile" --quiet --generate-hashes --allow-unsafe --strip-extras --extra service --extra kubernetes \
 	  --no-emit-index-url --no-emit-find-links $(LOCK_ARGS) --output-file deploy/docker/requirements.lock \
 	  pyproject.toml deploy/docker/requirements.in
 

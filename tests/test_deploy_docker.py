@@ -53,7 +53,8 @@ def locked() -> dict[str, str]:
 def pyproject_pins() -> dict[str, str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     pins = {}
-    for req in project["dependencies"] + project["optional-dependencies"]["service"]:
+    extras = project["optional-dependencies"]
+    for req in project["dependencies"] + extras["service"] + extras["kubernetes"]:
         match = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]+\])?==(\S+)", req)
         if match:
             pins[match.group(1).lower().replace("_", "-")] = match.group(3)
@@ -105,7 +106,7 @@ def test_lock_pins_match_pyproject():
     assert pins.get("torch") == "2.13.0"
     for name in ("diffusers", "transformers", "peft", "accelerate"):
         assert pins.get(name) == wanted[name], f"{name}: lock {pins.get(name)} != pyproject {wanted[name]}"
-    for name, version in wanted.items():  # the service extra's pins as well
+    for name, version in wanted.items():  # the service and kubernetes extras' pins as well
         assert pins.get(name) == version, f"{name}: lock {pins.get(name)} != pyproject {version}; run `make lock`"
     assert "setuptools" in pins  # the build backend, used with --no-build-isolation
     assert "#   -r deploy/docker/requirements.in" in LOCK.read_text(encoding="utf-8")  # torch, from there
@@ -129,7 +130,7 @@ def test_make_lock_target():
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     target = makefile[makefile.index("\nlock:"):]
     assert "pip-compile" in target and "--generate-hashes" in target
-    assert "--extra service" in target and "--output-file deploy/docker/requirements.lock" in target
+    assert "--extra service --extra kubernetes" in target and "--output-file deploy/docker/requirements.lock" in target
     assert "deploy/docker/requirements.in" in target and "mktemp -d" in target  # throwaway venv
 
 
