@@ -28,7 +28,6 @@ import json
 import os
 import re
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from .runner import job_dir
+from .runner import PollingLoop, job_dir
 from .security import is_inside
 from .store import JobStore
 
@@ -188,7 +187,7 @@ class _Tracked:
     note: str | None = None  # the last "pod waits" line written to the log
 
 
-class KubernetesRunner:
+class KubernetesRunner(PollingLoop):
     """Runs queued jobs of ``store`` as Kubernetes Jobs, at most ``slots`` at a time; same interface as
     :class:`~lora_scripts.service.runner.Runner` (start, stop, wake, alive, tick, recover, running, started_jobs)."""
 
@@ -223,33 +222,20 @@ class KubernetesRunner:
         self.started_jobs = 0
         self.log_sync_seconds = LOG_SYNC_SECONDS
         self._recovered = False
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_loop()
+
+    thread_name = "lora-k8s-runner"
 
     # --- life cycle (as Runner) ---------------------------------------------------------------------------------
     def start(self) -> None:
         """Run in a background thread; its first round re-attaches to the Jobs a previous server left (and retries
         that while the API server cannot be reached, instead of failing the start)."""
-        self._thread = threading.Thread(target=self._loop, name="lora-k8s-runner", daemon=True)
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        """True while the background thread runs."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def wake(self) -> None:
-        """Look at the queue now instead of at the next poll."""
-        self._wake.set()
+        self._start_loop()
 
     def stop(self, grace_seconds: float = 120.0) -> None:
         """Stop following and claiming. The Jobs keep running in the cluster (their logs are copied once more); the
         next server with this worker id re-attaches to them. ``grace_seconds`` is unused (nothing to wait for)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._stop_loop()
         for run in list(self.running.values()):
             try:
                 self._sync_log(run)
@@ -276,15 +262,6 @@ class KubernetesRunner:
         return requeued
 
     # --- the loop -----------------------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception as exc:  # the API server or the database hiccups: log and retry at the next poll
-                print(f"k8s runner: {type(exc).__name__}: {exc}", file=sys.stderr)
-            self._wake.wait(self.poll_seconds)
-            self._wake.clear()
-
     def tick(self) -> None:
         """One round: follow the Jobs, forward cancels, submit queued jobs while fewer than ``slots`` run."""
         if not self._recovered:

@@ -77,6 +77,57 @@ def detect_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
 
 
+class PollingLoop:
+    """The background thread of a runner: ``tick()``, then sleep until ``wake()`` or the next poll. A failing round
+    (the database or an API server hiccups) is printed and retried; it never ends the thread."""
+
+    poll_seconds: float
+    thread_name = "lora-runner"
+
+    def _init_loop(self) -> None:
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> None:  # pragma: no cover - each runner has its own
+        raise NotImplementedError
+
+    @property
+    def alive(self) -> bool:
+        """True while the background thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def wake(self) -> None:
+        """Look at the queue now instead of at the next poll (called when this server queues a job)."""
+        self._wake.set()
+
+    def _start_loop(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def _stop_loop(self) -> None:
+        """Ask the thread to stop after its current round and wait for it."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _next_wait(self) -> float:
+        return self.poll_seconds
+
+    def _tick_failed(self, exc: Exception) -> None:
+        print(f"{self.thread_name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception as exc:  # noqa: BLE001 - logged; the next round retries
+                self._tick_failed(exc)
+            self._wake.wait(self._next_wait())
+            self._wake.clear()
+
+
 @dataclass
 class _Running:
     job_id: str
@@ -87,7 +138,7 @@ class _Running:
     started: float = field(default_factory=time.monotonic)
 
 
-class Runner:
+class Runner(PollingLoop):
     """Runs queued jobs of ``store`` as subprocesses, at most one per slot."""
 
     def __init__(
@@ -104,9 +155,7 @@ class Runner:
         self.poll_seconds = poll_seconds
         self.on_finish = on_finish
         self.running: dict[str, _Running] = {}
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_loop()
         self.started_jobs = 0
         # host failure: our beats, and what we saw of the others' (worker -> (beats, monotonic time it last changed))
         self.lease_seconds = lease_seconds
@@ -123,24 +172,11 @@ class Runner:
         self._beat_thread = threading.Thread(target=self._beat_loop, name="lora-heartbeat", daemon=True)
         self._beat_thread.start()
         self.recover()
-        self._thread = threading.Thread(target=self._loop, name="lora-runner", daemon=True)
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        """True while the background thread runs."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def wake(self) -> None:
-        """Look at the queue now instead of at the next poll (called when this server queues a job)."""
-        self._wake.set()
+        self._start_loop()
 
     def stop(self, grace_seconds: float = 120.0) -> None:
         """Stop claiming; SIGTERM running trainers (they checkpoint) and put their jobs back in the queue."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._stop_loop()
         for run in list(self.running.values()):
             self._signal(run, signal.SIGTERM)
         deadline = time.monotonic() + grace_seconds
@@ -182,16 +218,13 @@ class Runner:
         return recovered
 
     # --- the loop -----------------------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception as exc:  # a database hiccup must not kill the runner; log and retry
-                print(f"runner: {type(exc).__name__}: {exc}", file=sys.stderr)
-                self._seen.clear()  # we could not watch: judge nobody dead on time we did not see
-            # a short wait while trainers run (to reap them promptly), the full poll when idle; wake() cuts it short
-            self._wake.wait(self.poll_seconds if not self.running else min(self.poll_seconds, 0.1))
-            self._wake.clear()
+    def _next_wait(self) -> float:
+        # a short wait while trainers run (to reap them promptly), the full poll when idle; wake() cuts it short
+        return self.poll_seconds if not self.running else min(self.poll_seconds, 0.1)
+
+    def _tick_failed(self, exc: Exception) -> None:
+        super()._tick_failed(exc)
+        self._seen.clear()  # we could not watch: judge nobody dead on time we did not see
 
     def tick(self) -> None:
         """One round: reap finished trainers, drop jobs taken from us, take over dead workers' jobs, forward cancels,
