@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speed_common import (  # noqa: E402
     add_driver_args, bare_overhead_lines, clock, command_line, emit, machine_info, median, memory_label, paired_ratio,
-    prepare_driver, rate_table, rates, run_contenders, spread, write_section,
+    prepare_driver, publish, rate_table, rates, run_contenders, spread,
 )
 
 # (UNet block_out_channels, VAE block_out_channels, cross_attention_dim / text hidden, norm groups, text layers)
@@ -417,7 +417,7 @@ def main() -> None:
     if "ours" in results:
         ratios.append(f"- our one-off cache build: {median([x['cache_build_s'] for x in results['ours']]):.1f} s "
                       f"(included in ours' end-to-end rate)")
-    text = "\n".join([
+    header = [
         f"### Image ({args.device})",
         "",
         f"Command: `{command_line()}`  ",
@@ -430,14 +430,8 @@ def main() -> None:
         f"Cost per image, FLOPs: UNet forward {u_f / 1e9:.2f} G, VAE encode {v_f / 1e9:.2f} G "
         f"(ratio {v_f / u_f:.2f}), text encoder {t_f / 1e9:.3f} G; SD1.5 at 512 px: {sd_u / 1e9:.0f} G, "
         f"{sd_v / 1e9:.0f} G (ratio {sd_v / sd_u:.2f}), {sd_t / 1e9:.1f} G.{calib}",
-        "",
-        *rows,
-        "",
-        *ratios,
-    ])
-    print("\n" + text)
-    if not args.no_doc:
-        write_section(f"image-{args.device}", text)
+    ]
+    publish(f"image-{args.device}", header, rows, ratios, args.no_doc)
 
 
 if __name__ == "__main__":

@@ -219,3 +219,12 @@ def bare_overhead_lines(results: dict[str, list[dict[str, Any]]], prefix: str, u
 def memory_label(device: str) -> str:
     """What the table's memory column measures on ``device``."""
     return "GPU memory (torch.cuda.max_memory_allocated)" if device == "cuda" else "peak RSS of the process"
+
+
+def publish(section: str, header: list[str], rows: list[str], ratios: list[str], print_only: bool) -> None:
+    """Print a driver's report (header lines, the table, the ratio lines) and, unless ``print_only``, write it into
+    docs/BENCHMARKS.md as ``section``."""
+    text = "\n".join([*header, "", *rows, "", *ratios])
+    print("\n" + text)
+    if not print_only:
+        write_section(section, text)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speed_common import (  # noqa: E402
     add_driver_args, bare_overhead_lines, clock, command_line, emit, machine_info, memory_label, paired_ratio,
-    prepare_driver, rate_table, rates, run_contenders, spread, write_section,
+    prepare_driver, publish, rate_table, rates, run_contenders, spread,
 )
 
 MODELS = {
@@ -271,7 +271,7 @@ def main() -> None:
             ratios.append(f"- ours / HF Trainer + PEFT, real tokens/s ({label}): "
                           f"**{spread(paired_ratio(results, 'ours', 'hf', key), '{:.2f}')}×** (target ≥ 2.5×)")
     ratios += bare_overhead_lines(results, "tok", "real token")
-    text = "\n".join([
+    header = [
         f"### Text ({args.device})",
         "",
         f"Command: `{command_line()}`  ",
@@ -283,14 +283,8 @@ def main() -> None:
         f"q/k/v/o, precision {mixed}; medians (min–max) of {args.repeats} runs each, steady state = the last epoch; "
         f"memory: {memory_label(args.device)}. Real tokens / tokens computed (padding included): {grouped:.0%} in our length-grouped "
         f"batches, {shuffled:.0%} in shuffled batches (mean of 200 shuffles).",
-        "",
-        *rows,
-        "",
-        *ratios,
-    ])
-    print("\n" + text)
-    if not args.no_doc:
-        write_section(f"text-{args.device}", text)
+    ]
+    publish(f"text-{args.device}", header, rows, ratios, args.no_doc)
 
 
 if __name__ == "__main__":

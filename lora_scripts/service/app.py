@@ -94,6 +94,20 @@ class Service:
         if self.mirror is not None and job["state"] == "succeeded":
             self.mirror.upload_job(job["id"], self.output_dir(job["id"]))
 
+    def job_or_404(self, job_id: str) -> dict[str, Any]:
+        """The job, or an HTTP 404 for the API and the console pages alike."""
+        job = self.store.get_job(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job
+
+    def dataset_or_404(self, dataset_id: str) -> dict[str, Any]:
+        """The dataset's record, or an HTTP 404."""
+        dataset = self.store.get_dataset(dataset_id)
+        if dataset is None:
+            raise HTTPException(404, f"no dataset {dataset_id!r}")
+        return dataset
+
     def dataset_dir(self, dataset_id: str) -> Path:
         """The folder of a dataset: its images, sidecars and metadata.csv."""
         return self.home / "datasets" / dataset_id
@@ -233,10 +247,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @app.get("/datasets/{dataset_id}", response_class=HTMLResponse, include_in_schema=False)
     def dataset_page(request: Request, dataset_id: str) -> HTMLResponse:
-        ds = request.app.state.service.store.get_dataset(dataset_id)
-        if ds is None:
-            raise HTTPException(404, f"no dataset {dataset_id}")
-        return page(request, "dataset.html", dataset=ds)
+        return page(request, "dataset.html", dataset=request.app.state.service.dataset_or_404(dataset_id))
 
     @app.get("/jobs/new", response_class=HTMLResponse, include_in_schema=False)
     def new_job_page(request: Request, dataset: str | None = None) -> HTMLResponse:
@@ -246,10 +257,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @app.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
     def job_page(request: Request, job_id: str) -> HTMLResponse:
-        job = request.app.state.service.store.get_job(job_id)
-        if job is None:
-            raise HTTPException(404, f"no job {job_id}")
-        return page(request, "job.html", job=job)
+        return page(request, "job.html", job=request.app.state.service.job_or_404(job_id))
 
     return app
 

@@ -46,8 +46,7 @@ def _refused(exc: UploadRefused) -> JSONResponse:
 
 
 def _dataset(svc: Service, dataset_id: str) -> Path:
-    if svc.store.get_dataset(dataset_id) is None:
-        raise HTTPException(404, f"no dataset {dataset_id!r}")
+    svc.dataset_or_404(dataset_id)
     folder = svc.dataset_dir(dataset_id)
     check_folder(folder, svc.home / "datasets")
     return folder

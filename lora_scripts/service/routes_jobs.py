@@ -48,13 +48,6 @@ def _config_errors(exc: JobConfigError) -> JSONResponse:
     return JSONResponse({"detail": [{**e, "loc": ["body", *e["loc"]]} for e in exc.errors]}, status_code=422)
 
 
-def _get(svc: Service, job_id: str) -> dict[str, Any]:
-    job = svc.store.get_job(job_id)
-    if job is None:
-        raise HTTPException(404, f"no job {job_id!r}")
-    return job
-
-
 def _total_steps(config_yaml: str) -> int | None:
     try:
         return yaml.safe_load(config_yaml).get("max_train_steps")
@@ -129,37 +122,37 @@ def list_jobs(state: str | None = None, limit: int = 200, svc: Service = Depends
 @router.get("/{job_id}", dependencies=[Depends(require_read)])
 def get_job(job_id: str, svc: Service = Depends(get_service)) -> dict[str, Any]:
     """One job with its progress, samples and files."""
-    return describe(svc, _get(svc, job_id))
+    return describe(svc, svc.job_or_404(job_id))
 
 
 @router.get("/{job_id}/config", dependencies=[Depends(require_read)])
 def get_config(job_id: str, svc: Service = Depends(get_service)) -> PlainTextResponse:
     """The resolved YAML config the trainer runs with."""
-    return PlainTextResponse(_get(svc, job_id)["config_yaml"], media_type="text/yaml")
+    return PlainTextResponse(svc.job_or_404(job_id)["config_yaml"], media_type="text/yaml")
 
 
 @router.post("/{job_id}/cancel", dependencies=[Depends(require_write)])
 def cancel_job(job_id: str, svc: Service = Depends(get_service)) -> dict[str, Any]:
     """Cancel: a queued job at once; a running one gets SIGTERM, writes a checkpoint and stops (resumable)."""
-    _get(svc, job_id)
+    svc.job_or_404(job_id)
     return describe(svc, svc.store.request_cancel(job_id))
 
 
 @router.post("/{job_id}/resume", dependencies=[Depends(require_write)])
 def resume_job(job_id: str, svc: Service = Depends(get_service)) -> dict[str, Any]:
     """Queue a cancelled or failed job again; it continues from its latest checkpoint."""
-    job = _get(svc, job_id)
+    job = svc.job_or_404(job_id)
     if not svc.store.resume(job_id):
         raise HTTPException(409, f"job {job_id} is {job['state']}; only cancelled or failed jobs can be resumed")
     if svc.runner is not None:
         svc.runner.wake()
-    return describe(svc, _get(svc, job_id))
+    return describe(svc, svc.job_or_404(job_id))
 
 
 @router.get("/{job_id}/loss", dependencies=[Depends(require_read)])
 def get_loss(job_id: str, svc: Service = Depends(get_service)) -> list[dict[str, float]]:
     """The job's loss.csv rows (step, loss, lr, elapsed_s)."""
-    _get(svc, job_id)
+    svc.job_or_404(job_id)
     out = svc.output_dir(job_id)
     return read_loss_csv(out / "logs" / "loss.csv") if out else []
 
@@ -168,7 +161,7 @@ def get_loss(job_id: str, svc: Service = Depends(get_service)) -> list[dict[str,
 def get_log(job_id: str, offset: int = 0, follow: bool = False, svc: Service = Depends(get_service)) -> Any:
     """The trainer's log from byte ``offset``: JSON {text, offset} to poll, or with ``follow=true`` a plain-text
     stream that ends when the job does."""
-    _get(svc, job_id)
+    svc.job_or_404(job_id)
     path = job_dir(svc.home, job_id) / "train.log"
     if not follow:
         data = b""
@@ -200,7 +193,7 @@ def get_log(job_id: str, offset: int = 0, follow: bool = False, svc: Service = D
 @router.get("/{job_id}/artifacts", dependencies=[Depends(require_read)])
 def list_artifacts(job_id: str, svc: Service = Depends(get_service)) -> list[dict[str, Any]]:
     """Downloadable files of the job's output folder."""
-    _get(svc, job_id)
+    svc.job_or_404(job_id)
     out = svc.output_dir(job_id)
     return _artifacts(out) if out else []
 
@@ -208,7 +201,7 @@ def list_artifacts(job_id: str, svc: Service = Depends(get_service)) -> list[dic
 @router.get("/{job_id}/artifacts/{path:path}", dependencies=[Depends(require_read)])
 def download(job_id: str, path: str, svc: Service = Depends(get_service)) -> FileResponse:
     """Download one file of the job's output folder."""
-    _get(svc, job_id)
+    svc.job_or_404(job_id)
     out = svc.output_dir(job_id)
     target = (out / path) if out else None
     if target is None or not is_inside(target, out) or not target.is_file() or target.is_symlink():
