@@ -176,7 +176,7 @@ def worker_ours(spec: dict) -> dict:
 
     quiet_libraries()
     from lora_scripts.config import build_config
-    from lora_scripts.tasks import image as image_task
+    from lora_scripts.tasks.image import task as image_task
     from lora_scripts.train.loop import Trainer
 
     build = [0.0, 0.0]

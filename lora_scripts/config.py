@@ -69,6 +69,25 @@ class TrainConfig(_Strict):
         "SD 2.1 (768, v-prediction) or SDXL configs shipped with lora-scripts, picked from the weights; never "
         "downloaded."
     )
+    model_family: Literal["sd1", "sd2", "sdxl", "sd3", "flux", "chroma", "qwen_image", "z_image"] | None = Field(
+        None, description="image: the model family, overriding detection (model_index.json, UNet config or a "
+        "single file's tensor names); needed for a hub id of a transformer model."
+    )
+    vae_path: Path | None = Field(
+        None, description="image, transformer-only single file as base_model: the VAE (a diffusers folder or a "
+        "single .safetensors), as ComfyUI users keep it."
+    )
+    text_encoder_path: Path | None = Field(
+        None, description="image, transformer-only single file as base_model: the first text encoder (CLIP-L for "
+        "FLUX/SD3, T5 for Chroma, Qwen for Qwen-Image/Z-Image): a transformers folder or a single .safetensors."
+    )
+    text_encoder_2_path: Path | None = Field(
+        None, description="image, transformer-only single file: the second text encoder (T5-XXL for FLUX, "
+        "OpenCLIP-G for SD3)."
+    )
+    text_encoder_3_path: Path | None = Field(
+        None, description="image, transformer-only single file: the third text encoder (T5-XXL for SD3)."
+    )
     lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank (network dim).")
     batch_size: int = Field(1, ge=1, description="Samples per device per micro-batch.")
     epochs: int = Field(1, ge=1, description="Passes over the data (ignored when max_train_steps is set).")
@@ -116,9 +135,10 @@ class TrainConfig(_Strict):
     max_seq_length: int = Field(1024, ge=8, description="text: tokens per sample (longer ones are truncated).")
     packing: bool = Field(False, description="text: pack samples into rows of max_seq_length (no cross-attention).")
     val_size: float = Field(
-        0.0, ge=0, description="text: held-out share (0-1) or count (>=1) of samples for eval loss."
+        0.0, ge=0, description="Held-out share (0-1) or count (>=1) of samples for eval loss (text and image)."
     )
-    val_data: Path | None = Field(None, description="text: a separate validation file (instead of val_size).")
+    val_data: Path | None = Field(None, description="A separate validation set instead of val_size: a data file "
+                                  "(text) or a folder of captioned images (image).")
     sample_prompts: list[SamplePrompt] = Field(
         default_factory=list,
         description="Samples generated during training: strings, or mappings with prompt, negative_prompt, width, "
@@ -172,6 +192,27 @@ class TrainConfig(_Strict):
         "use learning_rate 1.0); adamw8bit / paged_adamw8bit (bitsandbytes, CUDA only)."
     )
     noise_offset: float = Field(0.0, ge=0, description="image: add offset noise (per channel) of this strength.")
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = Field(
+        "uniform", description="image, flow-matching families: how training sigmas are drawn (SD3 paper): uniform, "
+        "logit_normal (logit_mean, logit_std) or mode (mode_scale)."
+    )
+    logit_mean: float = Field(0.0, description="image, timestep_sampling logit_normal: mean.")
+    logit_std: float = Field(1.0, gt=0, description="image, timestep_sampling logit_normal: standard deviation.")
+    mode_scale: float = Field(1.29, description="image, timestep_sampling mode: scale.")
+    timestep_shift: float | None = Field(
+        None, gt=0, description="image, flow-matching families: a fixed shift of the sampled sigmas "
+        "(shift*s / (1 + (shift-1)*s)); default: the family's scheduler (FLUX: by resolution; SD3: 3.0)."
+    )
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none", description="image, flow-matching families: per-sample loss weighting (SD3 paper)."
+    )
+    guidance_scale: float = Field(
+        1.0, ge=0, description="image, FLUX.1-dev: the distilled guidance value fed to the transformer in training."
+    )
+    text_max_length: int | None = Field(
+        None, ge=1, description="image: tokens per prompt for T5/Qwen text encoders (default: the family's: 512 for "
+        "FLUX.1-dev/Chroma/Qwen-Image, 256 for SD3, 512 for Z-Image)."
+    )
     min_snr_gamma: float | None = Field(None, gt=0, description="image: Min-SNR loss weighting with this gamma (5 is usual).")
     train_text_encoder: bool = Field(
         False, description="image: also train LoRA on the text encoder(s) (q/k/v/out projections; both for SDXL)."

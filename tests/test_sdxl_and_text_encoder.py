@@ -42,10 +42,10 @@ def _sdxl_inputs(pipe, prompt="a red circle"):
 
 def _sdxl_outputs(unet, text_encoders, ids, x, t, time_ids):
     """(TE1 hidden, TE2 pooled, UNet prediction) the way StableDiffusionXLPipeline encodes and denoises."""
-    from lora_scripts.tasks.sd_models import encode_prompt
+    from lora_scripts.tasks.image.families.sdxl import encode_sdxl_prompt
 
     with torch.no_grad():
-        hidden, pooled = encode_prompt(text_encoders, ids, "sdxl")
+        hidden, pooled = encode_sdxl_prompt(text_encoders, ids)
         pred = unet(x, t, hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
     return hidden, pooled, pred
 

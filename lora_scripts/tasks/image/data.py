@@ -12,18 +12,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..data.images import CaptionedImage, augment_caption, center_crop, load_image, load_image_tensor
-from .base import SampleKey
-from .sd_models import SDXL, encode_prompt, time_ids
+from ...data.images import CaptionedImage, augment_caption, center_crop, load_image, load_image_tensor
+from ..base import SampleKey
+from .families import Family
 
 
 class ImageCaptionDataset(Dataset):
-    """Captioned images as (pixels in [-1, 1] or cached latents, token ids or cached embeddings, SDXL size
+    """Captioned images as (pixels in [-1, 1] or cached latents, token ids or cached embeddings, the family's size
     conditioning, per-sample seed)."""
 
-    def __init__(self, samples: list[CaptionedImage], tokenizers: list[Any], cfg: Any, family: str,
+    def __init__(self, samples: list[CaptionedImage], tokenizers: list[Any], cfg: Any, family: Family,
                  buckets: list[tuple[int, int]] | None = None, caches: "ImageCaches | None" = None,
-                 sizes: list[tuple[int, int]] | None = None):
+                 sizes: list[tuple[int, int]] | None = None, augment: bool = True):
         self.samples = samples
         self.buckets = buckets  # (width, height) per sample when bucketing
         self.caches = caches
@@ -31,10 +31,10 @@ class ImageCaptionDataset(Dataset):
         self.tokenizers = tokenizers
         self.family = family
         self.resolution = cfg.resolution
-        self.random_crop = cfg.random_crop
-        self.random_flip = cfg.random_flip
-        self.caption_options = dict(shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
-                                    trigger_word=cfg.trigger_word, caption_dropout=cfg.caption_dropout)
+        self.random_crop = cfg.random_crop and augment
+        self.random_flip = cfg.random_flip and augment
+        self.caption_options = dict(shuffle_tags=cfg.shuffle_tags and augment, keep_tokens=cfg.keep_tokens,
+                                    trigger_word=cfg.trigger_word, caption_dropout=cfg.caption_dropout if augment else 0.0)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -53,30 +53,14 @@ class ImageCaptionDataset(Dataset):
         else:
             pixels, crop = load_image(sample.path, size, rng, self.random_crop, self.random_flip)
             item["pixels"] = torch.from_numpy(pixels)
-        if self.family == SDXL:
-            width, height = (size, size) if isinstance(size, int) else size
-            item["time_ids"] = time_ids(crop, (height, width))
+        width, height = (size, size) if isinstance(size, int) else size
+        item.update(self.family.size_conditioning(crop, (height, width)))
         prompt = augment_caption(sample.prompt, rng, **self.caption_options)
         if caches is not None and caches.text is not None:
-            entry = caches.text.get(caches.text_key(prompt))
-            item["hidden"] = entry["hidden"]
-            if "pooled" in entry:
-                item["pooled"] = entry["pooled"]
+            item.update(caches.text.get(caches.text_key(prompt)))
         else:
-            for i, tokenizer in enumerate(self.tokenizers):
-                item[input_ids_key(i)] = tokenize_prompt(tokenizer, prompt)
+            item.update(self.family.tokenize(self.tokenizers, prompt))
         return item
-
-
-def input_ids_key(index: int) -> str:
-    """Batch key of the token ids for the ``index``-th tokenizer: input_ids, input_ids_2."""
-    return "input_ids" if index == 0 else f"input_ids_{index + 1}"
-
-
-def tokenize_prompt(tokenizer: Any, prompt: str) -> torch.Tensor:
-    return tokenizer(
-        prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
-    ).input_ids[0]
 
 
 @dataclass
@@ -92,20 +76,20 @@ class ImageCaches:
     def text_key(self, prompt: str) -> str:
         key = self._text_keys.get(prompt)
         if key is None:
-            from ..data.cache import entry_key
+            from ...data.cache import entry_key
 
             key = self._text_keys[prompt] = entry_key("text", prompt, self.text_fingerprint)
         return key
 
 
 def build_caches(cfg: Any, samples: list[CaptionedImage], hashes: list[str], buckets: list[tuple[int, int]] | None,
-                 vae: Any, text_encoders: list[Any], tokenizers: list[Any], family: str, device: torch.device
+                 vae: Any, text_encoders: list[Any], tokenizers: list[Any], family: Family, device: torch.device
                  ) -> ImageCaches:
     """Fill the caches for every sample (only missing entries are computed); each process fills what it lacks
     and writes are atomic, so concurrent processes cannot corrupt an entry."""
     from tqdm.auto import tqdm
 
-    from ..data.cache import TensorCache, entry_key, module_fingerprint
+    from ...data.cache import TensorCache, entry_key, module_fingerprint
 
     root = Path(cfg.cache_dir) if cfg.cache_dir else cfg.output_dir / "cache"
     caches = ImageCaches()
@@ -119,23 +103,20 @@ def build_caches(cfg: Any, samples: list[CaptionedImage], hashes: list[str], buc
         for i in tqdm(todo, desc="cache latents", unit="img", disable=not show or not todo):
             pixels = load_image_tensor(samples[i].path, sizes[i], np.random.default_rng(0))
             with torch.no_grad():
-                dist = vae.encode(torch.from_numpy(pixels)[None].to(device, vae.dtype)).latent_dist
-            caches.latents.put(caches.latent_keys[i], {"mean": dist.mean[0], "std": dist.std[0]})
+                mean, std = family.latent_distribution(vae, torch.from_numpy(pixels)[None].to(device))
+            caches.latents.put(caches.latent_keys[i], {"mean": mean[0], "std": std[0]})
     if cfg.cache_text_embeddings:
         caches.text = TensorCache(root / "text")
-        caches.text_fingerprint = "".join(module_fingerprint(e) for e in text_encoders) + "".join(
-            str(t.model_max_length) for t in tokenizers)
+        caches.text_fingerprint = family.name + "".join(module_fingerprint(e) for e in text_encoders) + "".join(
+            str(family.max_tokens(t, i)) for i, t in enumerate(tokenizers))
         prompts = {augment_caption(s.prompt, np.random.default_rng(0), trigger_word=cfg.trigger_word)
                    for s in samples}
         if cfg.caption_dropout > 0:
             prompts.add("")
         todo = sorted(p for p in prompts if not caches.text.has(caches.text_key(p)))
         for prompt in tqdm(todo, desc="cache text embeddings", unit="caption", disable=not show or not todo):
-            ids = [tokenize_prompt(t, prompt)[None].to(device) for t in tokenizers]
+            tokens = {k: v[None].to(device) for k, v in family.tokenize(tokenizers, prompt).items()}
             with torch.no_grad():
-                hidden, pooled = encode_prompt(text_encoders, ids, family)
-            entry = {"hidden": hidden[0]}
-            if pooled is not None:
-                entry["pooled"] = pooled[0]
-            caches.text.put(caches.text_key(prompt), entry)
+                encoded = family.encode_prompt(text_encoders, tokens)
+            caches.text.put(caches.text_key(prompt), {k: v[0] for k, v in encoded.items()})
     return caches
