@@ -173,6 +173,45 @@ def fused_lora_state_dict(state: Mapping[str, torch.Tensor], rules: list[Rule], 
     return out
 
 
+def unfused_lora_state_dict(tensors: Mapping[str, torch.Tensor], rules: list[Rule], denoiser_shapes: Mapping[str, Any],
+                            prefix: str = "lora_unet") -> dict[str, torch.Tensor]:
+    """The inverse of :func:`fused_lora_state_dict` for any kohya FLUX file (ours with block-diagonal ups, or
+    sd-scripts' with one down shared by the parts): diffusers-named ``transformer.<module>.lora_A/B.weight`` with
+    the file's scale folded into the ups (so alpha = rank). Sizes come from the config, so any width works
+    (diffusers' own converter assumes FLUX.1's 3072)."""
+    out: dict[str, torch.Tensor] = {}
+    by_name = {f"{prefix}_{r.original.removesuffix('.weight').replace('.', '_')}": r for r in rules
+               if r.original.endswith(".weight") and not r.swap}
+    for key in tensors:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        name = key.removesuffix(".lora_down.weight")
+        rule = by_name.get(name)
+        if rule is None:
+            continue
+        down, up = tensors[key].float(), tensors[f"{name}.lora_up.weight"].float()
+        rank = down.shape[0]
+        alpha = float(tensors[f"{name}.alpha"]) if f"{name}.alpha" in tensors else float(rank)
+        rows = [denoiser_shapes[p][0] for p in rule.parts]
+        ups = torch.split(up * (alpha / rank), rows, dim=0)
+        n = len(rule.parts)
+        # block-diagonal (each part's rows use only its own columns): split the down too
+        width = rank // n if rank % n == 0 else 0
+        sparse = bool(width) and all(
+            not ups[j][:, k * width:(k + 1) * width].any() for j in range(n) for k in range(n) if j != k)
+        for j, part in enumerate(rule.parts):
+            module = part.removesuffix(".weight")
+            if sparse:
+                part_down, part_up = down[j * width:(j + 1) * width], ups[j][:, j * width:(j + 1) * width]
+                if not part_up.any():
+                    continue  # a part the LoRA did not train
+            else:
+                part_down, part_up = down, ups[j]
+            out[f"transformer.{module}.lora_A.weight"] = part_down.contiguous()
+            out[f"transformer.{module}.lora_B.weight"] = part_up.contiguous()
+    return out
+
+
 class Flux(TransformerFamily):
     name = "flux"
     title = "FLUX.1"
@@ -290,6 +329,23 @@ class Flux(TransformerFamily):
             out.update({k.replace("lora_te_", "lora_te1_", 1): v for k, v in te.items()})
         return out
 
+    def apply_network_weights(self, path: Path, modules: Mapping[str, torch.nn.Module]) -> None:
+        """kohya-layout FLUX files (``lora_unet_double_blocks_…``) are un-fused here, for any model size; other
+        layouts as every transformer family reads them."""
+        from ....export.load import apply_network_weights, read_lora_tensors
+
+        file = Path(path).expanduser()
+        if file.is_file():
+            tensors, _ = read_lora_tensors(file)
+            if tensors and all(k.startswith(("lora_unet_", "lora_te1_")) for k in tensors):
+                config = modules["transformer"].config
+                state = unfused_lora_state_dict(tensors, original_layout(config), self.denoiser_shapes(config))
+                te = {k: v for k, v in tensors.items() if k.startswith("lora_te1_")}
+                if te:
+                    state.update(_kohya_clip_to_diffusers(te))
+                return apply_network_weights(file, modules, family=self.name, tensors=state)
+        super().apply_network_weights(path, modules)
+
     def denoiser_shapes(self, config: Any) -> dict[str, torch.Size]:
         from diffusers import FluxTransformer2DModel
 
@@ -299,6 +355,26 @@ class Flux(TransformerFamily):
 
     def version_label(self, prediction_type: str | None) -> str:
         return self.base_model_version
+
+
+def _kohya_clip_to_diffusers(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight`` -> diffusers' peft names, scale
+    folded into the up."""
+    out = {}
+    for key, tensor in tensors.items():
+        if not key.endswith(".lora_down.weight"):
+            continue
+        name = key.removesuffix(".lora_down.weight")
+        module = name.removeprefix("lora_te1_").removeprefix("text_model_")
+        parts = module.split("_")  # encoder, layers, N, self, attn, q, proj
+        layer = parts[2]
+        proj = "_".join(parts[5:])
+        path = f"text_encoder.text_model.encoder.layers.{layer}.self_attn.{proj}"
+        rank = tensor.shape[0]
+        alpha = float(tensors.get(f"{name}.alpha", torch.tensor(float(rank))))
+        out[f"{path}.lora_A.weight"] = tensor.float()
+        out[f"{path}.lora_B.weight"] = tensors[f"{name}.lora_up.weight"].float() * (alpha / rank)
+    return out
 
 
 def unpack_latents(tokens: torch.Tensor, b: int, c: int, h: int, w: int) -> torch.Tensor:

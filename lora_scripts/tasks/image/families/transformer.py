@@ -82,7 +82,26 @@ class TransformerFamily(Family):
         for name in self.components:
             if name.startswith(("vae", "text_encoder")):
                 self.component_source(name)
+            elif name.startswith("tokenizer"):
+                self.tokenizer_folder(name)
         self.check_components()
+
+    def tokenizer_folder(self, name: str) -> Path:
+        """Where tokenizer ``name`` of a single-file base comes from: beside its encoder when that is a folder with
+        tokenizer files (a hub snapshot's ``text_encoder_2`` + ``tokenizer_2``), else the config folder."""
+        key = COMPONENT_KEYS.get(name.replace("tokenizer", "text_encoder"))
+        given = getattr(self.cfg, key, None) if key else None
+        candidates = []
+        if given is not None and Path(given).expanduser().is_dir():
+            folder = Path(given).expanduser()
+            candidates += [folder, folder.parent / name]
+        candidates.append(self.config_folder() / name)
+        for folder in candidates:
+            if _has_tokenizer(folder):
+                return folder
+        raise ConfigError(f"base_model: no {name} for '{self.cfg.base_model}' (looked in "
+                          f"{', '.join(str(c) for c in candidates)}); give base_model_config a {self.title} diffusers "
+                          f"folder with {name}/, or {key} a folder that has the tokenizer files")
 
     def check_components(self) -> None:
         """Separately given components exist and are of the kind this family needs (headers and configs only)."""
@@ -115,15 +134,10 @@ class TransformerFamily(Family):
         for name, (lib, cls) in self.components.items():
             if name.startswith(("vae", "text_encoder")):
                 loaded[name] = self._load_component(name, lib, cls)
-            else:  # tokenizers and scheduler: beside the given encoder, else from the config folder
-                owner = name.replace("tokenizer", "text_encoder")
-                key = COMPONENT_KEYS.get(owner)
-                given = getattr(self.cfg, key, None) if key else None
-                if given is not None and Path(given).expanduser().is_dir() and \
-                        any((Path(given).expanduser() / f).is_file() for f in _TOKENIZER_FILES):
-                    loaded[name] = _cls(lib, cls).from_pretrained(Path(given).expanduser())
-                else:
-                    loaded[name] = _cls(lib, cls).from_pretrained(self.config_folder(), subfolder=name)
+            elif name.startswith("tokenizer"):
+                loaded[name] = load_tokenizer(lib, cls, self.tokenizer_folder(name))
+            else:
+                loaded[name] = _cls(lib, cls).from_pretrained(self.config_folder(), subfolder=name)
         return self._assemble(loaded, denoiser)
 
     def load_single_file_denoiser(self, path: Path) -> torch.nn.Module:
@@ -206,13 +220,31 @@ class TransformerFamily(Family):
         apply_network_weights(file, modules, family=self.name, tensors=dict(state))
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
-
 
 def _cls(lib: str, name: str) -> Any:
     import importlib
 
     return getattr(importlib.import_module(lib), name)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    """Tokenizer files, or the shipped CLIP settings (``tokenizer_config.json`` over the shared BPE vocabulary)."""
+    if any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "spiece.model")):
+        return True
+    config = folder / "tokenizer_config.json"
+    return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") == "CLIPTokenizer"
+
+
+def load_tokenizer(lib: str, cls: str, folder: Path) -> Any:
+    """A tokenizer from ``folder``; a shipped CLIP one (settings only) over the shared CLIP BPE vocabulary."""
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "spiece.model")):
+        from ....models.single_file import CLIP_BPE
+        from transformers import CLIPTokenizer
+
+        settings = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        keep = ("model_max_length", "bos_token", "eos_token", "unk_token", "pad_token", "do_lower_case")
+        return CLIPTokenizer.from_pretrained(CLIP_BPE, **{k: v for k, v in settings.items() if k in keep})
+    return _cls(lib, cls).from_pretrained(folder)
 
 
 def _has_weights(folder: Path) -> bool:
