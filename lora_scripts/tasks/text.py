@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +18,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..data.chat import generation_prompt_ids, resolve_template, stop_token_ids
+from ..data.formats import load_dataset_info
 from ..data.text import (
     IGNORE_INDEX,
     PackedRow,
-    Tokenized,
-    collate_packed,
+    collate_flat,
     collate_padded,
     length_grouped_order,
     load_records,
     load_text_dataset,
     pack,
-    render_conversation,
     tokenize_dataset,
 )
 from ..errors import ConfigError
@@ -65,6 +66,9 @@ def _hub_or_folder(value: str, what: str, marker: str) -> None:
 
 
 def _load_error(what: str, value: str, exc: Exception) -> ConfigError:
+    if "trust_remote_code" in str(exc):  # transformers' refusal to run a model folder's own code
+        return ConfigError(f"{what}: '{value}' needs its own Python code (a remote-code model such as ChatGLM3); "
+                           "set trust_remote_code: true if you trust that code")
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return ConfigError(f"{what}: could not load '{value}': {first}")
 
@@ -107,17 +111,38 @@ class TextTask(Task):
             raise ConfigError(f"network_weights: '{self.cfg.network_weights}' is not a PEFT adapter folder "
                               "(no adapter_config.json)")
 
-    def check_data(self) -> DataSummary:
-        from transformers import AutoTokenizer
+    def _load_tokenizer(self) -> None:
+        from transformers import AutoTokenizer, GenerationConfig
 
         cfg = self.cfg
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise _load_error("base_model", cfg.base_model, exc) from None
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        records = load_text_dataset(cfg.train_data_dir if cfg.metadata_path is None else None, cfg.metadata_path)
+        try:  # the model's own stop tokens (GLM: <|user|>, <|observation|>; Llama-3: <|eot_id|>)
+            eos = GenerationConfig.from_pretrained(cfg.base_model).eos_token_id
+        except (OSError, ValueError):
+            eos = None
+        extra = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.stop_ids = stop_token_ids(self.tokenizer, extra)
+        variables = {} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking}
+        self.template_options = dict(chat_template=cfg.chat_template, stop_ids=extra, template_variables=variables)
+
+    def _records(self):
+        cfg = self.cfg
+        columns, data_format, metadata = None, cfg.data_format, cfg.metadata_path
+        if cfg.dataset_info is not None:
+            metadata, fmt, columns, _ = load_dataset_info(cfg.dataset_info, cfg.dataset_name)
+            data_format = fmt if data_format == "auto" else data_format
+        records = load_text_dataset(cfg.train_data_dir if metadata is None else None, metadata)
+        return records, columns, data_format
+
+    def check_data(self) -> DataSummary:
+        cfg = self.cfg
+        self._load_tokenizer()
+        records, columns, data_format = self._records()
         val_records = load_records(cfg.val_data) if cfg.val_data else []
         if not val_records and cfg.val_size > 0:
             count = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(cfg.val_size * len(records)))
@@ -128,9 +153,11 @@ class TextTask(Task):
             held = set(order[:count].tolist())
             val_records = [r for i, r in enumerate(records) if i in held]
             records = [r for i, r in enumerate(records) if i not in held]
-        options = dict(data_format=cfg.data_format, chat_template=cfg.chat_template,
-                       train_on_prompt=cfg.train_on_prompt, max_seq_length=cfg.max_seq_length)
+        options = dict(data_format=data_format, train_on_prompt=cfg.train_on_prompt, max_seq_length=cfg.max_seq_length,
+                       columns=columns, strict_fields=cfg.strict_fields, **self.template_options)
         self.samples, self.stats = tokenize_dataset(records, self.tokenizer, **options)
+        for warning in self.stats.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         self.val_samples = tokenize_dataset(val_records, self.tokenizer, **options)[0] if val_records else []
         self.rows: list[PackedRow] | None = pack(self.samples, cfg.max_seq_length) if cfg.packing else None
         digest = hashlib.sha256()
@@ -153,9 +180,8 @@ class TextTask(Task):
         cfg = self.cfg
         quantized = cfg.quantization == "4bit"
         try:
-            # eager attention adds our additive 4-D block-diagonal mask as is (packing); sdpa is faster otherwise
             model = AutoModelForCausalLM.from_pretrained(
-                cfg.base_model, dtype=weight_dtype, attn_implementation="eager" if cfg.packing else None,
+                cfg.base_model, dtype=weight_dtype, trust_remote_code=cfg.trust_remote_code,
                 **({"quantization_config": qlora_config(weight_dtype), "device_map": {"": device}} if quantized else {}),
             )
         except (OSError, ValueError) as exc:
@@ -190,11 +216,11 @@ class TextTask(Task):
 
         cfg = self.cfg
         try:
-            config = AutoConfig.from_pretrained(cfg.base_model)
+            config = AutoConfig.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise _load_error("base_model", cfg.base_model, exc) from None
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager" if cfg.packing else None)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
         model.requires_grad_(False)
         targets = cfg.target_modules or DEFAULT_TARGET_MODULES.get(config.model_type, "all-linear")
         model = get_peft_model(model, make_lora_config(cfg, targets, task_type="CAUSAL_LM"))
@@ -206,8 +232,8 @@ class TextTask(Task):
         def make_batch(batch_size: int) -> dict[str, Any]:
             ids = torch.zeros(batch_size, length, dtype=torch.long)
             batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-            if cfg.packing:
-                batch["attention_mask"] = torch.zeros(batch_size, 1, length, length)
+            if cfg.packing:  # no mask tensor: position ids mark the samples (collate_flat)
+                del batch["attention_mask"]
                 batch["position_ids"] = torch.arange(length).expand(batch_size, length).clone()
             return batch
 
@@ -232,7 +258,7 @@ class TextTask(Task):
     def collate(self, items: list[Any]) -> dict[str, Any]:
         pad = self.tokenizer.pad_token_id
         if isinstance(items[0], PackedRow):
-            return collate_packed(items, pad)
+            return collate_flat(items, pad)
         return collate_padded(items, pad)
 
     def loss_count(self, batch: dict[str, Any]) -> int:
@@ -240,9 +266,6 @@ class TextTask(Task):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
-        mask = inputs["attention_mask"]
-        if mask.dim() == 4:  # the additive packing mask must be in the model's dtype (eager attention adds it)
-            inputs["attention_mask"] = mask.to(self.model.dtype)
         # use_cache=False: no KV cache in training (and a cache would let transformers re-derive masks)
         logits = model(**inputs, use_cache=False).logits
         labels = batch["labels"].to(self.device)
@@ -253,13 +276,11 @@ class TextTask(Task):
 
     # --- samples and export --------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str) -> list[int]:
-        """Token ids of ``prompt`` as a user turn followed by the start of an assistant turn."""
-        rendered: Tokenized = render_conversation(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}], self.tokenizer,
-            self.cfg.chat_template, train_on_prompt=False, max_seq_length=10**9,
-        )
-        first_trained = next(i for i, label in enumerate(rendered.labels) if label != IGNORE_INDEX)
-        return rendered.input_ids[:first_trained]
+        """Token ids of ``prompt`` as a user turn followed by the template's generation prompt."""
+        opts = self.template_options
+        template = resolve_template(self.tokenizer, opts["chat_template"], opts["stop_ids"],
+                                    opts["template_variables"])
+        return generation_prompt_ids([{"role": "user", "content": prompt}], self.tokenizer, template)
 
     def generate_samples(self, model: torch.nn.Module) -> list[tuple[str, Any]]:
         out = []
@@ -269,7 +290,7 @@ class TextTask(Task):
             with torch.no_grad():
                 generated = model.generate(
                     input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.cfg.sample_max_new_tokens,
-                    do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+                    do_sample=False, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids,
                 )
             out.append((prompt, self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)))
         return out
