@@ -169,7 +169,9 @@ def _content(value: Any, where: str, name: str, allow_none: bool = False) -> str
 
 
 def _tool_calls(value: Any, where: str, name: str) -> list[dict]:
-    calls = _json_value(value, where, name, list) if not isinstance(value, dict) else [value]
+    if isinstance(value, str):  # sharegpt's function_call value: one call or a list, as JSON text
+        value = _json_value(value, where, name, object)
+    calls = [value] if isinstance(value, dict) else _json_value(value, where, name, list)
     out = []
     for j, call in enumerate(calls):
         fn = call.get("function", call) if isinstance(call, dict) else None
