@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -152,3 +154,22 @@ def test_text_data_errors_are_one_line_exit_2(text_cfg, tmp_path, capsys, conten
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert fragment in err, err
+
+
+def test_check_show_tokens_marks_trained_spans_and_json_gives_ids_and_labels(text_cfg, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    cfg = text_cfg(family="qwen2").to_yaml_dict()
+    path = write_yaml(tmp_path / "c.yaml", cfg)
+    assert main(["check", "--config", str(path), "--show-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- sample") == 2
+    assert "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n\u27e6Blue.<|im_end|>\u27e7\n" in out
+    assert main(["check", "--config", str(path), "--show-tokens", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    tok = AutoTokenizer.from_pretrained(cfg["base_model"])
+    assert len(report["samples"]) == 3
+    first = report["samples"][0]
+    assert len(first["input_ids"]) == len(first["labels"])
+    trained = [i for i, lab in zip(first["input_ids"], first["labels"]) if lab != -100]
+    assert tok.decode(trained) == "Blue.<|im_end|>"

@@ -172,6 +172,26 @@ class TextTask(Task):
             + (f"; {len(self.val_samples)} validation samples" if self.val_samples else ""),
         )
 
+    def token_report(self, count: int) -> list[dict[str, Any]]:
+        """The first ``count`` training sequences: ids, labels, and the text with trained spans in \u27e6 \u27e7
+        (what ``lora-scripts check --show-tokens`` prints)."""
+        out = []
+        for sample in self.samples[:count]:
+            parts, run, trained = [], [], None
+            for token, label in zip(sample.input_ids, sample.labels):
+                if (label != IGNORE_INDEX) != trained and run:
+                    text = self.tokenizer.decode(run)
+                    parts.append(f"\u27e6{text}\u27e7" if trained else text)
+                    run = []
+                trained = label != IGNORE_INDEX
+                run.append(token)
+            if run:
+                text = self.tokenizer.decode(run)
+                parts.append(f"\u27e6{text}\u27e7" if trained else text)
+            out.append({"input_ids": sample.input_ids, "labels": sample.labels, "marked": "".join(parts),
+                        "trained": sum(label != IGNORE_INDEX for label in sample.labels)})
+        return out
+
     # --- model ---------------------------------------------------------------------------------------------------
     def load_model(self, device: torch.device, weight_dtype: torch.dtype) -> torch.nn.Module:
         from peft import PeftModel, get_peft_model
