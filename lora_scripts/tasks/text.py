@@ -8,6 +8,7 @@ same gradient.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -153,12 +154,21 @@ class TextTask(Task):
             held = set(order[:count].tolist())
             val_records = [r for i, r in enumerate(records) if i in held]
             records = [r for i, r in enumerate(records) if i not in held]
-        options = dict(data_format=data_format, train_on_prompt=cfg.train_on_prompt, max_seq_length=cfg.max_seq_length,
-                       columns=columns, strict_fields=cfg.strict_fields, **self.template_options)
-        self.samples, self.stats = tokenize_dataset(records, self.tokenizer, **options)
+        options = dict(data_format=data_format, max_seq_length=cfg.max_seq_length, columns=columns,
+                       strict_fields=cfg.strict_fields, **self.template_options)
+        if cfg.objective != "sft":
+            from ..data.preference import tokenize_preferences
+
+            if cfg.packing:
+                raise ConfigError(f"packing: true is for objective: sft; {cfg.objective} compares whole answers "
+                                  "(remove packing)")
+            tokenize = functools.partial(tokenize_preferences, objective=cfg.objective)
+        else:
+            tokenize = functools.partial(tokenize_dataset, train_on_prompt=cfg.train_on_prompt)
+        self.samples, self.stats = tokenize(records, self.tokenizer, **options)
         for warning in self.stats.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        self.val_samples = tokenize_dataset(val_records, self.tokenizer, **options)[0] if val_records else []
+        self.val_samples = tokenize(val_records, self.tokenizer, **options)[0] if val_records else []
         self.rows: list[PackedRow] | None = pack(self.samples, cfg.max_seq_length) if cfg.packing else None
         digest = hashlib.sha256()
         for record in records:
@@ -272,19 +282,42 @@ class TextTask(Task):
     def epoch_order(self, epoch: int, seed: int, global_batch: int) -> np.ndarray | None:
         if self.rows is not None:
             return None  # packed rows are already full; a plain shuffle
-        lengths = [len(s) for s in self.samples]
+        lengths = [len(s) if not hasattr(s, "chosen") else len(s.chosen) + len(s.rejected or ()) for s in self.samples]
         return np.asarray(length_grouped_order(lengths, LENGTH_GROUP, np.random.default_rng([seed, epoch])))
 
     def collate(self, items: list[Any]) -> dict[str, Any]:
         pad = self.tokenizer.pad_token_id
         if isinstance(items[0], PackedRow):
             return collate_flat(items, pad)
+        if self.cfg.objective != "sft":
+            from ..data.preference import collate_preferences
+
+            return collate_preferences(items, pad)
         return collate_padded(items, pad)
 
     def loss_count(self, batch: dict[str, Any]) -> int:
+        if self.cfg.objective == "kto":
+            return int(batch["input_ids"].shape[0])  # examples
+        if self.cfg.objective != "sft":
+            return int(batch["input_ids"].shape[0] // 2)  # pairs
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
+    def step_metrics(self) -> dict[str, float]:
+        metrics = {k: v / max(self._metric_count, 1) for k, v in getattr(self, "_metrics", {}).items()}
+        self._metrics, self._metric_count = {}, 0
+        return metrics
+
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        if self.cfg.objective != "sft":
+            from .preference_loss import preference_loss
+
+            loss, metrics = preference_loss(self.cfg, model, {k: v.to(self.device) for k, v in batch.items()})
+            if torch.is_grad_enabled():  # training steps only, not evaluation
+                self._metrics = getattr(self, "_metrics", {})
+                for name, value in metrics.items():
+                    self._metrics[name] = self._metrics.get(name, 0.0) + value
+                self._metric_count = getattr(self, "_metric_count", 0) + 1
+            return loss
         inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
         # use_cache=False: no KV cache in training (and a cache would let transformers re-derive masks)
         logits = model(**inputs, use_cache=False).logits
