@@ -173,3 +173,24 @@ def test_check_show_tokens_marks_trained_spans_and_json_gives_ids_and_labels(tex
     assert len(first["input_ids"]) == len(first["labels"])
     trained = [i for i, lab in zip(first["input_ids"], first["labels"]) if lab != -100]
     assert tok.decode(trained) == "Blue.<|im_end|>"
+
+
+def test_export_names_base_portably_and_warns_about_rslora_and_dora(text_cfg, tmp_path, capsys):
+    from lora_scripts.tasks.text import portable_base_name
+
+    train(text_cfg(output="rs", use_rslora=True, use_dora=True, max_train_steps=1), show_progress=False)
+    adapter = tmp_path / "rs" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "llama"  # the folder name, not this machine's path
+    ours = json.loads((adapter / "lora_scripts.json").read_text())
+    assert ours["base_model_path"].endswith("/llama") and ours["base_model_path"].startswith("/")
+    summary = json.loads((tmp_path / "rs" / "training_summary.json").read_text())
+    assert any("llama.cpp" in w and "rsLoRA" not in w and "0.50x" in w for w in summary["warnings"])
+    assert any("vLLM" in w for w in summary["warnings"])
+    assert "warning: use_dora" in capsys.readouterr().err
+    assert portable_base_name("Qwen/Qwen2.5-7B") == "Qwen/Qwen2.5-7B"
+    cache = tmp_path / "hub" / "models--Qwen--Qwen2.5-7B" / "snapshots" / "abc"
+    cache.mkdir(parents=True)
+    assert portable_base_name(str(cache)) == "Qwen/Qwen2.5-7B"
+    # the merge still finds the base through our own metadata
+    assert main(["export", "--adapter", str(adapter), "--merge", "--output", str(tmp_path / "merged")]) == 0

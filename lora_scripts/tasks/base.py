@@ -137,6 +137,10 @@ class Task(ABC):
         """(label, output) for each configured sample prompt; output is a str (text) or a PIL image (image)."""
         return []
 
+    def export_warnings(self) -> list[str]:
+        """What consumers of the exported files cannot apply as trained (written to training_summary.json)."""
+        return []
+
     # --- output --------------------------------------------------------------------------------------------------
     @abstractmethod
     def export(self, model: "torch.nn.Module", output_dir: Path, run: RunInfo) -> list[Path]:

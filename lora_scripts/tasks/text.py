@@ -74,6 +74,18 @@ def _load_error(what: str, value: str, exc: Exception) -> ConfigError:
     return ConfigError(f"{what}: could not load '{value}': {first}")
 
 
+def portable_base_name(base_model: str) -> str:
+    """The hub id of ``base_model`` (as given, or read from a hub cache path ``models--org--name/snapshots/x``),
+    else the local folder's name."""
+    path = Path(base_model).expanduser()
+    if not path.exists():
+        return base_model  # a hub id
+    for part in path.resolve().parts[::-1]:
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part[len("models--"):].replace("--", "/", 1)
+    return path.resolve().name
+
+
 def check_qlora_environment() -> None:
     """QLoRA needs a CUDA GPU and bitsandbytes: refuse in one line before anything is loaded."""
     if not torch.cuda.is_available():
@@ -348,10 +360,32 @@ class TextTask(Task):
             out.append((prompt, self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)))
         return out
 
+    def export_warnings(self) -> list[str]:
+        cfg, out = self.cfg, []
+        if cfg.use_rslora:
+            out.append("use_rslora: llama.cpp's convert_lora_to_gguf.py scales the adapter by alpha/r, not "
+                       f"alpha/sqrt(r), so it would apply at {cfg.lora_rank ** -0.5:.2f}x strength there; give "
+                       "llama.cpp a merged model (lora-scripts export --merge)")
+        if cfg.use_dora:
+            out.append("use_dora: llama.cpp's LoRA converter refuses DoRA's magnitude vectors and vLLM cannot load "
+                       "DoRA adapters; give them a merged model (lora-scripts export --merge)")
+        return out
+
     def export(self, model: torch.nn.Module, output_dir: Path, run: RunInfo) -> list[Path]:
         adapter_dir = output_dir / "adapter"
         model.save_pretrained(str(adapter_dir), safe_serialization=True)
         self.tokenizer.save_pretrained(str(adapter_dir))
-        provenance = {**run.provenance(), "steps": run.steps, "base_model": self.cfg.base_model}
+        # base_model_name_or_path: what means something on another machine (a hub id, else the folder name);
+        # the full local path stays in our own lora_scripts.json
+        config_path = adapter_dir / "adapter_config.json"
+        adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+        adapter_config["base_model_name_or_path"] = portable_base_name(self.cfg.base_model)
+        config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True), encoding="utf-8")
+        for warning in self.export_warnings():
+            print(f"warning: {warning}", file=sys.stderr)
+        local = Path(self.cfg.base_model).expanduser()
+        provenance = {**run.provenance(), "steps": run.steps, "base_model": self.cfg.base_model,
+                      "base_model_path": str(local.resolve()) if local.is_dir() else None,
+                      "warnings": self.export_warnings()}
         (adapter_dir / "lora_scripts.json").write_text(json.dumps(provenance, indent=2), encoding="utf-8")
         return [adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_config.json"]

@@ -516,6 +516,7 @@ class Trainer:
             "dataset_hash": self.data.dataset_hash,
             "lora_scripts_version": __version__,
             "files": [str(f) for f in result.files],
+            "warnings": self.task.export_warnings(),
         }
         (self.cfg.output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
