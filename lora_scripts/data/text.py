@@ -1,7 +1,8 @@
 """Text data for causal-LM LoRA (LLaMA/Qwen/GLM): read, check, render chat templates, tokenize, pack, collate.
 
-Pipeline: ``load_text_dataset`` -> ``tokenize_dataset`` (format detection, normalisation to turns, chat template,
-label mask, truncation) -> ``pack`` + ``collate_packed``, or ``length_grouped_order`` + ``collate_padded``.
+Pipeline: ``load_text_dataset`` -> ``tokenize_dataset`` (format detection and every field read: :mod:`.formats`;
+template-exact ids and labels: :mod:`.chat`; truncation) -> ``pack`` + ``collate_flat`` (no mask tensor), or
+``length_grouped_order`` + ``collate_padded``. Preference data: :mod:`.preference`.
 Every data error names ``file:line`` so one bad record in a million-line file can be found.
 """
 
