@@ -124,6 +124,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(report.to_json() if args.json else report.render())
         return 2 if report.errors else 0
     summary = task.check_data()
+    if args.show_tokens:
+        if not hasattr(task, "token_report"):
+            raise UserError("--show-tokens is for the text task (task: text)")
+        samples = task.token_report(args.show_tokens)
+        if args.json:
+            import json
+
+            print(json.dumps({"ok": True, "description": summary.description, "samples": samples}))
+            return 0
+        for i, sample in enumerate(samples):
+            print(f"--- sample {i} ({len(sample['input_ids'])} tokens, {sample['trained']} trained; trained spans "
+                  f"between \u27e6 \u27e7) ---\n{sample['marked']}")
     print(f"ok: {summary.description} (dataset hash {summary.dataset_hash[:12]})")
     return 0
 
@@ -233,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="check the config, base model path and data without training")
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON (for CI)")
+    p.add_argument("--show-tokens", type=int, default=0, metavar="N",
+                   help="text: print the first N tokenized samples with the trained spans marked (with --json: "
+                   "input_ids and labels per sample), to verify masking before training")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("estimate", help="memory breakdown and a recommended batch size (no weights loaded)")
