@@ -148,6 +148,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from .demo import run_text_demo
 
         run_text_demo(Path(args.output_dir), steps=args.steps or 60)
+    elif args.family and args.family not in ("sd1", "sd15"):
+        from .demo import run_family_demo
+        from .errors import ConfigError
+        from .tiny_models import tiny_family_module
+
+        try:
+            tiny_family_module(args.family)
+        except ImportError:
+            raise ConfigError(f"demo --family: no tiny model for '{args.family}' (see lora_scripts/tiny_models)") from None
+        run_family_demo(Path(args.output_dir), args.family, steps=args.steps or 60)
     else:
         run_demo(Path(args.output_dir), steps=args.steps or 200)
     return 0
@@ -272,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 200 image, 60 text)")
     p.add_argument("--task", choices=["image", "text"], default="image")
+    p.add_argument("--family", help="image: a transformer family's tiny model instead of SD 1.x (flux, sd3, "
+                   "qwen_image, z_image, chroma: those with a module in lora_scripts/tiny_models)")
     p.set_defaults(func=cmd_demo)
 
     # the training service: FastAPI and SQLAlchemy are imported only when it runs (lora_scripts/service/)
