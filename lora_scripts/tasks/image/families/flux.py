@@ -39,16 +39,27 @@ class Rule:
 
 
 def original_layout(config: Mapping[str, Any]) -> list[Rule]:
-    """Every tensor of a FLUX.1 transformer in the original layout, from the diffusers config."""
+    """Every tensor of a FLUX.1 transformer in the original layout, from the diffusers config. Chroma (a config with
+    ``approximator_layers``) is FLUX.1 without per-block modulation weights, its modulation coming from one
+    "distilled guidance" network instead."""
     rules: list[Rule] = []
+    chroma = "approximator_layers" in config
 
     def linear(original: str, *modules: str) -> None:
         for kind in ("weight", "bias"):
             rules.append(Rule(f"{original}.{kind}", tuple(f"{m}.{kind}" for m in modules)))
 
-    linear("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1")
-    linear("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2")
-    if config.get("pooled_projection_dim", 768) and not config.get("_no_vector_in"):
+    if chroma:
+        g = "distilled_guidance_layer"
+        linear(f"{g}.in_proj", f"{g}.in_proj")
+        linear(f"{g}.out_proj", f"{g}.out_proj")
+        for i in range(config["approximator_layers"]):
+            linear(f"{g}.layers.{i}.in_layer", f"{g}.layers.{i}.linear_1")
+            linear(f"{g}.layers.{i}.out_layer", f"{g}.layers.{i}.linear_2")
+            rules.append(Rule(f"{g}.norms.{i}.scale", (f"{g}.norms.{i}.weight",)))
+    else:
+        linear("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1")
+        linear("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2")
         linear("vector_in.in_layer", "time_text_embed.text_embedder.linear_1")
         linear("vector_in.out_layer", "time_text_embed.text_embedder.linear_2")
     if config.get("guidance_embeds"):
@@ -58,8 +69,9 @@ def original_layout(config: Mapping[str, Any]) -> list[Rule]:
     linear("img_in", "x_embedder")
     for i in range(config["num_layers"]):
         d, b = f"double_blocks.{i}", f"transformer_blocks.{i}"
-        linear(f"{d}.img_mod.lin", f"{b}.norm1.linear")
-        linear(f"{d}.txt_mod.lin", f"{b}.norm1_context.linear")
+        if not chroma:
+            linear(f"{d}.img_mod.lin", f"{b}.norm1.linear")
+            linear(f"{d}.txt_mod.lin", f"{b}.norm1_context.linear")
         linear(f"{d}.img_attn.qkv", f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v")
         linear(f"{d}.txt_attn.qkv", f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj")
         for side, q, k in (("img", "norm_q", "norm_k"), ("txt", "norm_added_q", "norm_added_k")):
@@ -73,14 +85,16 @@ def original_layout(config: Mapping[str, Any]) -> list[Rule]:
         linear(f"{d}.txt_attn.proj", f"{b}.attn.to_add_out")
     for i in range(config["num_single_layers"]):
         s, b = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        linear(f"{s}.modulation.lin", f"{b}.norm.linear")
+        if not chroma:
+            linear(f"{s}.modulation.lin", f"{b}.norm.linear")
         linear(f"{s}.linear1", f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v", f"{b}.proj_mlp")
         rules.append(Rule(f"{s}.norm.query_norm.scale", (f"{b}.attn.norm_q.weight",)))
         rules.append(Rule(f"{s}.norm.key_norm.scale", (f"{b}.attn.norm_k.weight",)))
         linear(f"{s}.linear2", f"{b}.proj_out")
     linear("final_layer.linear", "proj_out")
-    for kind in ("weight", "bias"):
-        rules.append(Rule(f"final_layer.adaLN_modulation.1.{kind}", (f"norm_out.linear.{kind}",), swap=True))
+    if not chroma:
+        for kind in ("weight", "bias"):
+            rules.append(Rule(f"final_layer.adaLN_modulation.1.{kind}", (f"norm_out.linear.{kind}",), swap=True))
     return rules
 
 
@@ -246,12 +260,12 @@ class Flux(TransformerFamily):
 
     # --- single files --------------------------------------------------------------------------------------------
     def load_single_file_denoiser(self, path: Path) -> torch.nn.Module:
-        from diffusers import FluxTransformer2DModel
         from safetensors.torch import load_file
 
-        config = FluxTransformer2DModel.load_config(self.config_folder(), subfolder="transformer")
+        model_cls = self._denoiser_cls()
+        config = model_cls.load_config(self.config_folder(), subfolder="transformer")
         with torch.device("meta"):
-            model = FluxTransformer2DModel.from_config(config)
+            model = model_cls.from_config(config)
         shapes = {k: v.shape for k, v in model.state_dict().items()}
         original = {k.removeprefix(PREFIX): v for k, v in load_file(str(path)).items()}
         state = from_original(original, original_layout(config), shapes, path)
@@ -347,10 +361,8 @@ class Flux(TransformerFamily):
         super().apply_network_weights(path, modules)
 
     def denoiser_shapes(self, config: Any) -> dict[str, torch.Size]:
-        from diffusers import FluxTransformer2DModel
-
         with torch.device("meta"):
-            model = FluxTransformer2DModel.from_config(config)
+            model = self._denoiser_cls().from_config(config)
         return {k: v.shape for k, v in model.state_dict().items()}
 
     def version_label(self, prediction_type: str | None) -> str:
