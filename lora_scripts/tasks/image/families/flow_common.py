@@ -162,10 +162,11 @@ class FlowTransformerFamily(Family):
         peft_config = module.peft_config["default"]
         run_scale = peft_config.lora_alpha / peft_config.r
         # diffusers' converters fold kohya alphas into the weights (scale 1); its own format keeps lora_alpha
-        file_scale = 1.0
-        if metadata and metadata.get("lora_alpha") and metadata.get("r"):
-            file_scale = float(metadata["lora_alpha"]) / float(metadata["r"])
         prefix = f"{self.denoiser_name}."
+        metadata = {k.removeprefix(prefix): v for k, v in (metadata or {}).items()}  # "transformer.lora_alpha"
+        file_scale = 1.0
+        if metadata.get("lora_alpha") and metadata.get("r"):
+            file_scale = float(metadata["lora_alpha"]) / float(metadata["r"])
         ours = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not ours:
             raise ConfigError(f"network_weights: '{path}' holds no {self.title} transformer LoRA tensors")
