@@ -157,6 +157,11 @@ class Family(ABC):
                 cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The denoiser's prediction, in the latents' layout."""
 
+    def lora_targets(self, denoiser: torch.nn.Module) -> list[str]:
+        """The denoiser's LoRA target modules: ``target_modules`` or the family's defaults (a family can leave out
+        modules whose output the model never uses, which DDP would otherwise refuse as parameters without grad)."""
+        return list(self.cfg.target_modules or self.default_targets)
+
     # --- sampling ------------------------------------------------------------------------------------------------
     @abstractmethod
     def pipeline(self, components: Components, denoiser: torch.nn.Module,

@@ -129,6 +129,17 @@ class QwenImage(FlowTransformerFamily):
                        return_dict=False)[0]
         return QwenImagePipeline._unpack_latents(out, h * 8, w * 8, 8)[:, :, 0]
 
+    def lora_targets(self, denoiser: torch.nn.Module) -> list[str]:
+        """The targets as full module paths, without the last block's text-stream output projection: the
+        transformer returns only the image stream, so that LoRA would never get a gradient (and DDP refuses
+        parameters without one)."""
+        wanted = super().lora_targets(denoiser)
+        dead = f"transformer_blocks.{len(denoiser.transformer_blocks) - 1}.attn.to_add_out"
+        names = sorted(name for name, module in denoiser.named_modules()
+                       if isinstance(module, torch.nn.Linear) and name != dead
+                       and any(name == t or name.endswith("." + t) for t in wanted))
+        return names or wanted  # nothing matched: the task's one-line "matched no layer" error
+
     # --- sampling ------------------------------------------------------------------------------------------------
     def pipeline(self, components: Components, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module]):
         from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
