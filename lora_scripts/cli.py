@@ -124,6 +124,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(report.to_json() if args.json else report.render())
         return 2 if report.errors else 0
     summary = task.check_data()
+    if args.show_tokens:
+        if not hasattr(task, "token_report"):
+            raise UserError("--show-tokens is for the text task (task: text)")
+        samples = task.token_report(args.show_tokens)
+        if args.json:
+            import json
+
+            print(json.dumps({"ok": True, "description": summary.description, "samples": samples}))
+            return 0
+        for i, sample in enumerate(samples):
+            print(f"--- sample {i} ({len(sample['input_ids'])} tokens, {sample['trained']} trained; trained spans "
+                  f"between \u27e6 \u27e7) ---\n{sample['marked']}")
     print(f"ok: {summary.description} (dataset hash {summary.dataset_hash[:12]})")
     return 0
 
@@ -136,6 +148,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from .demo import run_text_demo
 
         run_text_demo(Path(args.output_dir), steps=args.steps or 60)
+    elif args.family and args.family not in ("sd1", "sd15"):
+        from .demo import run_family_demo
+        from .errors import ConfigError
+        from .tiny_models import tiny_family_module
+
+        try:
+            tiny_family_module(args.family)
+        except ImportError:
+            raise ConfigError(f"demo --family: no tiny model for '{args.family}' (see lora_scripts/tiny_models)") from None
+        run_family_demo(Path(args.output_dir), args.family, steps=args.steps or 60)
     else:
         run_demo(Path(args.output_dir), steps=args.steps or 200)
     return 0
@@ -233,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="check the config, base model path and data without training")
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON (for CI)")
+    p.add_argument("--show-tokens", type=int, default=0, metavar="N",
+                   help="text: print the first N tokenized samples with the trained spans marked (with --json: "
+                   "input_ids and labels per sample), to verify masking before training")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("estimate", help="memory breakdown and a recommended batch size (no weights loaded)")
@@ -257,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 200 image, 60 text)")
     p.add_argument("--task", choices=["image", "text"], default="image")
+    p.add_argument("--family", help="image: a transformer family's tiny model instead of SD 1.x (flux, sd3, "
+                   "qwen_image, z_image, chroma: those with a module in lora_scripts/tiny_models)")
     p.set_defaults(func=cmd_demo)
 
     # the training service: FastAPI and SQLAlchemy are imported only when it runs (lora_scripts/service/)

@@ -124,9 +124,40 @@ class TrainConfig(_Strict):
     )
 
     # --- text task -----------------------------------------------------------------------------------------------
-    data_format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = Field(
-        "auto", description="text: record format; auto detects from the fields."
+    data_format: Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference"] = Field(
+        "auto", description="text: record format; auto detects from the fields (preference: TRL's prompt/chosen/"
+        "rejected or prompt/completion/label)."
     )
+    dataset_info: Path | None = Field(
+        None, description="text: a LLaMA-Factory dataset_info.json; its entry's file_name (relative to the json), "
+        "formatting, columns and tags name the data file, format, fields and roles (instead of metadata_path)."
+    )
+    dataset_name: str | None = Field(
+        None, description="text: which entry of dataset_info to train on (default: the only one)."
+    )
+    strict_fields: bool = Field(
+        False, description="text: a record field we do not read is an error instead of a warning."
+    )
+    enable_thinking: bool | None = Field(
+        None, description="text: passed to reasoning templates (Qwen3, GLM-4.5+): false renders the empty "
+        "<think></think> block into the prompt (not trained). Null: the template's default."
+    )
+    trust_remote_code: bool = Field(
+        False, description="text: allow the base model's own Python code (ChatGLM3 and other remote-code models). "
+        "Runs code from the model folder or hub repo: only for models you trust."
+    )
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(
+        "sft", description="text: sft (next-token loss on assistant tokens), or preference training on chosen/"
+        "rejected pairs: dpo, orpo, simpo; kto on desirable/undesirable answers (kto_tag / label). DPO and KTO "
+        "use the base model with the adapter disabled as reference."
+    )
+    beta: float = Field(
+        0.1, gt=0, description="text, dpo/orpo/simpo/kto: the preference loss's beta (TRL's default 0.1; SimPO "
+        "papers use 2-10)."
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="text, simpo: target reward margin gamma (TRL's default).")
+    desirable_weight: float = Field(1.0, gt=0, description="text, kto: weight of desirable examples' losses.")
+    undesirable_weight: float = Field(1.0, gt=0, description="text, kto: weight of undesirable examples' losses.")
     chat_template: str = Field(
         "auto", description="text: `auto` (the tokenizer's own template, else chatml), `tokenizer`, `chatml`, "
         "`llama3` or `alpaca`."
@@ -262,9 +293,9 @@ class TrainConfig(_Strict):
                 raise ValueError("train_data_dir is required for the image task; set it to the folder of images")
             if self.metadata_path is None:
                 object.__setattr__(self, "metadata_path", self.train_data_dir / "metadata.csv")
-        elif self.train_data_dir is None and self.metadata_path is None:
-            raise ValueError("the text task needs train_data_dir (a folder of data files) or metadata_path (one file); "
-                             "set one of them")
+        elif self.train_data_dir is None and self.metadata_path is None and self.dataset_info is None:
+            raise ValueError("the text task needs train_data_dir (a folder of data files), metadata_path (one file) "
+                             "or dataset_info; set one of them")
         if self.output_name is None:
             object.__setattr__(self, "output_name", self.output_dir.resolve().name or "lora")
         return self

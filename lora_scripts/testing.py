@@ -340,9 +340,12 @@ INSTRUCTIONS = [
 ]
 
 
-def build_tiny_tokenizer(corpus: list[str] | None = None, chat_template: str | None = None, add_bos: bool = True):
+def build_tiny_tokenizer(corpus: list[str] | None = None, chat_template: str | None = None, add_bos: bool = True,
+                         extra_special_tokens: tuple[str, ...] = (), bos_token: str = "<s>", eos_token: str = "</s>"):
     """A byte-level BPE tokenizer trained with the `tokenizers` library (default corpus: the built-in instruction
-    set), with ChatML and Llama-3 special tokens. ``add_bos``: prepend ``<s>`` like LLaMA (Qwen adds none)."""
+    set), with ChatML and Llama-3 special tokens. ``add_bos``: prepend ``<s>`` like LLaMA (Qwen adds none).
+    ``extra_special_tokens`` (a real model's, e.g. GLM's ``<|user|>``) and ``bos_token``/``eos_token`` let a real
+    chat template be attached to it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -351,7 +354,10 @@ def build_tiny_tokenizer(corpus: list[str] | None = None, chat_template: str | N
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=TEXT_SPECIAL_TOKENS,
+    specials = TEXT_SPECIAL_TOKENS + [t for t in (*extra_special_tokens, bos_token, eos_token)
+                                      if t not in TEXT_SPECIAL_TOKENS]
+    specials = list(dict.fromkeys(specials))
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
     if add_bos:
@@ -359,8 +365,8 @@ def build_tiny_tokenizer(corpus: list[str] | None = None, chat_template: str | N
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", bos)])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=TEXT_SPECIAL_TOKENS[4:], model_max_length=512,
+        tokenizer_object=tok, bos_token=bos_token, eos_token=eos_token, pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=specials[4:], model_max_length=512,
     )
     fast.chat_template = chat_template
     return fast

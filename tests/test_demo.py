@@ -28,3 +28,16 @@ def test_text_demo_trains_and_prints_the_merge_command(tmp_path):
     assert (adapter / "adapter_model.safetensors").is_file()
     assert "Name a colour." in (tmp_path / "demo" / "text_lora" / "logs" / "samples.txt").read_text()
     assert f"--adapter {adapter} --merge" in proc.stdout
+
+
+def test_flux_demo_trains_and_renders_through_flux_pipeline(tmp_path):
+    proc = run_cli("demo", "--family", "flux", "--output-dir", str(tmp_path / "demo"), "--steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "demo"
+    assert (out / "lora" / "demo_lora.safetensors").is_file() and (out / "sample_without_with_lora.png").is_file()
+    assert "s/step" in proc.stdout
+
+
+def test_demo_of_an_unknown_family_is_one_line(tmp_path):
+    proc = run_cli("demo", "--family", "nope", "--output-dir", str(tmp_path / "demo"))
+    assert proc.returncode == 2 and "no tiny model for 'nope'" in proc.stderr

@@ -193,7 +193,9 @@ def test_undetectable_or_mixed_formats_rejected(tmp_path):
     ({"text": "x"}, "messages", r"missing field 'messages'"),
     ({"conversations": [{"from": "human"}]}, "sharegpt", r"conversations\[0\] needs fields 'from' and 'value'"),
     ({"messages": [{"role": "user", "content": 3}]}, "messages", r"must be a string"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages", r"unsupported role 'tool'"),
+    # role tool is read now (issue 16); a tool turn needs an assistant's tool_calls before it
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages", r"messages\[0\] is 'tool' where 'user'"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages", r"unsupported role 'robot'"),
     ({"messages": []}, "messages", r"empty conversation"),
     ({"conversations": [{"from": "system", "value": "s"}]}, "sharegpt", r"empty conversation"),
     ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]}, "messages",
@@ -235,23 +237,36 @@ def test_tokenizer_template_requested_but_missing(tmp_path, tok, tok_jinja):
 def test_non_incremental_jinja_template_refused(tok):
     # Renders the number of messages first, so a longer conversation does not extend a shorter one.
     template = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(DataError, match="incrementally"):
+    # Since issue 16 a prompt that renders differently once answered is trained as prompt + rendered answer (Mistral);
+    # this template has no end-of-turn marker either, so it is still refused, for that reason.
+    with pytest.raises(DataError, match="incrementally|no end-of-turn token"):
         td.render_conversation(CONV, tok, template, False, 512)
+
+
+_END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "alpaca": "</s>", "auto": "<|im_end|>"}
 
 
 @pytest.mark.parametrize("template, which", [("chatml", "tok"), ("llama3", "tok"), ("alpaca", "tok"),
                                              ("alpaca", "tok_bos"), ("auto", "tok_jinja"), ("auto", "tok")])
-def test_eos_ends_every_assistant_turn_and_is_trained(request, template, which):
+def test_end_of_turn_marker_ends_every_assistant_turn_and_is_trained(request, template, which):
+    # Issue 16 changed this: the template's own end-of-turn marker (<|im_end|>, <|eot_id|>; the alpaca template
+    # renders EOS) ends each trained span; no EOS is inserted after it, and whitespace after it stays in the ids.
     tokenizer = request.getfixturevalue(which)
     out = td.render_conversation(CONV, tokenizer, template, train_on_prompt=False, max_seq_length=512)
     spans = _spans(out.labels)
     answers = [t["content"] for t in CONV if t["role"] == "assistant"]
+    marker = tokenizer.convert_tokens_to_ids(_END_OF_TURN[template])
     assert len(spans) == len(answers) and not out.truncated
     for (start, end), answer in zip(spans, answers):
-        assert out.input_ids[end - 1] == tokenizer.eos_token_id == out.labels[end - 1]
+        assert out.input_ids[end - 1] == marker == out.labels[end - 1]
         assert out.labels[start:end] == out.input_ids[start:end]
         assert tokenizer.decode(out.input_ids[start:end]).startswith(answer)
-    assert out.input_ids[-1] == tokenizer.eos_token_id
+    if template != "alpaca":
+        assert tokenizer.eos_token_id not in out.input_ids
+    # ids are exactly the template's rendering
+    text = tokenizer.apply_chat_template(CONV, chat_template=td.resolve_template(tokenizer, template).text,
+                                         tokenize=False, add_bos=which == "tok_bos")
+    assert out.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
     # everything outside the answers (system, user, role headers) is masked
     assert sum(e - s for s, e in spans) == sum(lab != td.IGNORE_INDEX for lab in out.labels)
     prompt = tokenizer.decode([i for i, lab in zip(out.input_ids, out.labels) if lab == td.IGNORE_INDEX])
@@ -266,9 +281,10 @@ def test_eos_ends_every_assistant_turn_and_is_trained(request, template, which):
 
 
 def test_train_on_prompt_unmasks_everything(tok, tok_jinja):
-    for tokenizer, template in ((tok, "chatml"), (tok, "llama3"), (tok_jinja, "auto")):
+    for tokenizer, template, marker in ((tok, "chatml", "<|im_end|>"), (tok, "llama3", "<|eot_id|>"),
+                                        (tok_jinja, "auto", "<|im_end|>")):
         out = td.render_conversation(CONV, tokenizer, template, train_on_prompt=True, max_seq_length=512)
-        assert out.labels == out.input_ids and out.input_ids.count(tokenizer.eos_token_id) == 2
+        assert out.labels == out.input_ids and out.input_ids.count(tokenizer.convert_tokens_to_ids(marker)) == 5
 
 
 def test_tokenizer_jinja_template_matches_builtin_chatml(tok, tok_jinja):
@@ -435,3 +451,31 @@ def test_packed_loss_equals_per_sample_loss(tok):
         assert max(abs(x - y) for x, y in zip(leaked[1:], alone[1:])) > 1e-3, name
     # the model's own loss is the mean over the trained tokens of all samples
     assert packed.loss.item() == pytest.approx(sum(alone) / sum((labels[0, 1:] != td.IGNORE_INDEX).tolist()), abs=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_flat_packing_without_mask_keeps_each_samples_loss(tok, attn):
+    """collate_flat (no mask tensor, position ids restarting per sample; what the text task trains with) gives
+    each sample the loss it has alone, under SDPA (the default) and eager attention (issue 16 point 7)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM._from_config(config, attn_implementation=attn).eval()
+    convs = [CONV, CONV[1:3], [{"role": "text", "content": "hello there, how are you today?"}], CONV[3:5]]
+    samples = [td.render_conversation(c, tok, "chatml", False, 128) for c in convs]
+    rows = td.pack(samples, max_seq_length=128) + [td.PackedRow([5, 6], [td.IGNORE_INDEX] * 2, [0, 1], [2])]
+    batch = td.collate_flat(rows, pad_id=tok.pad_token_id)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no L x L mask tensor
+    lens, start, order = rows[0].seq_lens, 0, []
+    for n in lens:
+        order.append(next(s for s in samples if s.input_ids == rows[0].input_ids[start:start + n]))
+        start += n
+    with torch.no_grad():
+        alone = [_per_sample_losses(model(input_ids=torch.tensor([s.input_ids])).logits,
+                                    torch.tensor([s.labels]), [len(s)])[0] for s in order]
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    assert torch.isfinite(logits).all()
+    assert _per_sample_losses(logits[:1], batch["labels"][:1], lens) == pytest.approx(alone, abs=1e-5)

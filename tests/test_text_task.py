@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -152,3 +154,43 @@ def test_text_data_errors_are_one_line_exit_2(text_cfg, tmp_path, capsys, conten
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert fragment in err, err
+
+
+def test_check_show_tokens_marks_trained_spans_and_json_gives_ids_and_labels(text_cfg, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    cfg = text_cfg(family="qwen2").to_yaml_dict()
+    path = write_yaml(tmp_path / "c.yaml", cfg)
+    assert main(["check", "--config", str(path), "--show-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- sample") == 2
+    assert "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n\u27e6Blue.<|im_end|>\u27e7\n" in out
+    assert main(["check", "--config", str(path), "--show-tokens", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    tok = AutoTokenizer.from_pretrained(cfg["base_model"])
+    assert len(report["samples"]) == 3
+    first = report["samples"][0]
+    assert len(first["input_ids"]) == len(first["labels"])
+    trained = [i for i, lab in zip(first["input_ids"], first["labels"]) if lab != -100]
+    assert tok.decode(trained) == "Blue.<|im_end|>"
+
+
+def test_export_names_base_portably_and_warns_about_rslora_and_dora(text_cfg, tmp_path, capsys):
+    from lora_scripts.tasks.text import portable_base_name
+
+    train(text_cfg(output="rs", use_rslora=True, use_dora=True, max_train_steps=1), show_progress=False)
+    adapter = tmp_path / "rs" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "llama"  # the folder name, not this machine's path
+    ours = json.loads((adapter / "lora_scripts.json").read_text())
+    assert ours["base_model_path"].endswith("/llama") and ours["base_model_path"].startswith("/")
+    summary = json.loads((tmp_path / "rs" / "training_summary.json").read_text())
+    assert any("llama.cpp" in w and "rsLoRA" not in w and "0.50x" in w for w in summary["warnings"])
+    assert any("vLLM" in w for w in summary["warnings"])
+    assert "warning: use_dora" in capsys.readouterr().err
+    assert portable_base_name("Qwen/Qwen2.5-7B") == "Qwen/Qwen2.5-7B"
+    cache = tmp_path / "hub" / "models--Qwen--Qwen2.5-7B" / "snapshots" / "abc"
+    cache.mkdir(parents=True)
+    assert portable_base_name(str(cache)) == "Qwen/Qwen2.5-7B"
+    # the merge still finds the base through our own metadata
+    assert main(["export", "--adapter", str(adapter), "--merge", "--output", str(tmp_path / "merged")]) == 0

@@ -1,7 +1,8 @@
 """Text data for causal-LM LoRA (LLaMA/Qwen/GLM): read, check, render chat templates, tokenize, pack, collate.
 
-Pipeline: ``load_text_dataset`` -> ``tokenize_dataset`` (format detection, normalisation to turns, chat template,
-label mask, truncation) -> ``pack`` + ``collate_packed``, or ``length_grouped_order`` + ``collate_padded``.
+Pipeline: ``load_text_dataset`` -> ``tokenize_dataset`` (format detection and every field read: :mod:`.formats`;
+template-exact ids and labels: :mod:`.chat`; truncation) -> ``pack`` + ``collate_flat`` (no mask tensor), or
+``length_grouped_order`` + ``collate_padded``. Preference data: :mod:`.preference`.
 Every data error names ``file:line`` so one bad record in a million-line file can be found.
 """
 
@@ -20,21 +21,22 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from . import formats
+from .chat import (  # noqa: F401 - re-exported: the text task's data API lives here
+    CHAT_TEMPLATES,
+    IGNORE_INDEX,
+    Template,
+    Tokenized,
+    Turn,
+    bos_ids,
+    render_sequences,
+    resolve_template,
+)
+from .formats import DATA_FORMATS, ColumnMap, Conversation, apply_columns, read_record
 from .images import check_data_dir, read_text_file
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
-DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
-CHAT_TEMPLATES = ("auto", "tokenizer", "chatml", "llama3", "alpaca")
-IGNORE_INDEX = -100  # label value the cross-entropy loss skips
-_FORMAT_HELP = "alpaca (instruction, input, output), sharegpt (conversations), messages (messages), text (text)"
-_DETECT = (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca"), ("text", "text"))
-_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _WS = re.compile(r"\s*")
-
-Turn = dict[str, str]  # {"role": "system"|"user"|"assistant"|"text", "content": str}
-Segments = list[tuple[Any, bool]]  # (text or token ids, trained)
-
 
 @dataclass(frozen=True)
 class Record:
@@ -155,15 +157,11 @@ def load_text_dataset(train_data_dir: Path | None, metadata_path: Path | None) -
 
 
 def detect_format(record: Record) -> str:
-    """Name the format a record's fields imply: alpaca, sharegpt, messages or text."""
-    for key, fmt in _DETECT:
-        if key in record.data:
-            return fmt
-    raise DataError(f"{record.where}: cannot detect the data format from fields {sorted(record.data)}; "
-                    f"supported: {_FORMAT_HELP}")
+    """Name the format a record's fields imply: alpaca, sharegpt, messages, text or preference."""
+    return formats.detect_format(record.data, record.where)
 
 
-def resolve_format(records: list[Record], data_format: str = "auto") -> str:
+def resolve_format(records: list[Record], data_format: str = "auto", columns: ColumnMap | None = None) -> str:
     """Resolve ``auto`` from the first record's fields and require every record to match it."""
     if not records:
         raise DataError("no samples to train on")
@@ -171,180 +169,45 @@ def resolve_format(records: list[Record], data_format: str = "auto") -> str:
         raise DataError(f"unknown data_format {data_format!r}; choose one of {', '.join(DATA_FORMATS)}")
     if data_format != "auto":
         return data_format
-    fmt = detect_format(records[0])
+    fmt = formats.detect_format(apply_columns(records[0].data, columns), records[0].where)
     for rec in records[1:]:
-        if (other := detect_format(rec)) != fmt:
+        if (other := formats.detect_format(apply_columns(rec.data, columns), rec.where)) != fmt:
             raise DataError(f"{rec.where}: record looks like {other} but the first record ({records[0].where}) is "
                             f"{fmt}; all records must use one format")
     return fmt
 
 
-def _field(record: Record, name: str, required: bool = True, kind: type = str) -> Any:
-    value = record.data.get(name)
-    if value is None or (isinstance(value, float) and value != value):  # NaN: an empty parquet cell
-        if required:
-            raise DataError(f"{record.where}: missing field {name!r} (fields found: {sorted(record.data)}); add it")
-        return None
-    if not isinstance(value, kind):
-        raise DataError(f"{record.where}: field {name!r} must be a string, got {type(value).__name__} "
-                        f"({value!r:.40}); write it in double quotes")
-    return value
-
-
-def normalize_record(record: Record, fmt: str) -> list[Turn]:
-    """Turn a record into ``[{"role", "content"}]`` and check it (the text format gives one ``text`` turn)."""
-    if fmt == "text":
-        if not (text := _field(record, "text")).strip():
-            raise DataError(f"{record.where}: empty 'text'; write the sample or remove the line")
-        return [{"role": "text", "content": text}]
-    if fmt == "alpaca":
-        prompt = _field(record, "instruction")
-        if extra := _field(record, "input", required=False):  # appended to the instruction, as Alpaca does
-            prompt += "\n\n" + extra
-        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _field(record, "output")}]
-        if system := _field(record, "system", required=False):
-            turns.insert(0, {"role": "system", "content": system})
-        return turns
-    key, role_key, content_key = {"sharegpt": ("conversations", "from", "value"),
-                                  "messages": ("messages", "role", "content")}[fmt]
-    raw = _field(record, key, kind=object)
-    if isinstance(raw, str) and raw.lstrip().startswith("["):  # a CSV cell holds the list as a JSON string
-        raw = _json(record.source, record.line, raw, list)
-    if not isinstance(raw, list):
-        raise DataError(f"{record.where}: {key!r} must be a list of {{{role_key}, {content_key}}} objects, got "
-                        f"{type(raw).__name__}; write [{{\"{role_key}\": ..., \"{content_key}\": ...}}, ...]")
-    roles, turns = _SHAREGPT_ROLES if fmt == "sharegpt" else _ROLES, []
-    for i, item in enumerate(raw):
-        if not isinstance(item, dict) or role_key not in item or content_key not in item:
-            found = sorted(item) if isinstance(item, dict) else type(item).__name__
-            raise DataError(f"{record.where}: {key}[{i}] needs fields {role_key!r} and {content_key!r}, found {found}; "
-                            "add them")
-        if (role := roles.get(item[role_key]) if isinstance(item[role_key], str) else None) is None:
-            raise DataError(f"{record.where}: {key}[{i}] has unsupported {role_key} {item[role_key]!r}; "
-                            f"use {', '.join(roles)}")
-        if not isinstance(item[content_key], str):
-            raise DataError(f"{record.where}: {key}[{i}].{content_key} must be a string; write it in double quotes")
-        turns.append({"role": role, "content": item[content_key]})
-    body = turns[1:] if turns and turns[0]["role"] == "system" else turns
-    if not body:
-        raise DataError(f"{record.where}: empty conversation in {key!r} (needs a user and an assistant turn)")
-    for i, turn in enumerate(body):
-        if turn["role"] != (expected := "user" if i % 2 == 0 else "assistant"):
-            raise DataError(f"{record.where}: {key}[{i + len(turns) - len(body)}] is {turn['role']!r} where "
-                            f"{expected!r} was expected; turns alternate user/assistant after an optional system turn")
-    if body[-1]["role"] != "assistant":
-        raise DataError(f"{record.where}: conversation in {key!r} must end with an assistant turn; add the answer "
-                        "or drop the last turn")
-    return turns
-
-
-@dataclass
-class Tokenized:
-    """One tokenized sample; ``labels`` is ``IGNORE_INDEX`` where the token is not trained."""
-
-    input_ids: list[int]
-    labels: list[int]
-    truncated: bool = False
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-# Built-in templates: (system, user, assistant header [masked], assistant end [trained], separator after an
-# assistant turn [masked], start of text [None = the tokenizer's BOS if it adds one], tokens that must exist).
-_BUILTINS = {
-    "chatml": ("<|im_start|>system\n{}<|im_end|>\n", "<|im_start|>user\n{}<|im_end|>\n", "<|im_start|>assistant\n",
-               "<|im_end|>", "\n", "", ("<|im_start|>", "<|im_end|>")),
-    "llama3": ("<|start_header_id|>system<|end_header_id|>\n\n{}<|eot_id|>",
-               "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>",
-               "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>", "", "<|begin_of_text|>",
-               ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
-    "alpaca": ("{}\n\n", "### Instruction:\n{}\n\n", "### Response:\n", "", "\n\n", None, ()),
-}
-
-
-def _bos_ids(tokenizer: Any) -> list[int]:
-    """``[bos]`` if the tokenizer adds a BOS when encoding with special tokens (LLaMA does, Qwen does not)."""
-    bos = tokenizer.bos_token_id
-    return [bos] if bos is not None and tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos] else []
-
-
-def _builtin_segments(turns: list[Turn], tokenizer: Any, name: str) -> Segments:
-    system, user, header, end, sep, prefix, markers = _BUILTINS[name]
-    for marker in markers:
-        if tokenizer.convert_tokens_to_ids(marker) in (None, tokenizer.unk_token_id):
-            raise DataError(f"chat_template {name!r} needs the special token {marker!r}, which this tokenizer lacks; "
-                            "use chat_template: auto (the tokenizer's own) or one matching the model")
-    segments: Segments = [(_bos_ids(tokenizer) if prefix is None else prefix, False)]
-    for i, turn in enumerate(turns):
-        if turn["role"] == "assistant":
-            segments += [(header, False), (turn["content"] + end, True), (sep if i + 1 < len(turns) else "", False)]
-        else:
-            segments.append(((system if turn["role"] == "system" else user).format(turn["content"]), False))
-    return segments
-
-
-def _jinja_segments(turns: list[Turn], tokenizer: Any, template: str | None) -> Segments:
-    # A Jinja template renders whole conversations, so assistant spans are found by rendering growing prefixes with
-    # apply_chat_template(tokenize=False): render(turns[:k], add_generation_prompt=True) ends where assistant turn k
-    # starts and render(turns[:k+1]) where it ends; the differences are the masked and the trained text. Whitespace
-    # after the end-of-turn marker moves to the next masked span. Templates that rewrite earlier turns (e.g. drop
-    # past reasoning) make a prefix differ and are refused.
-    def render(part: list[Turn], gen: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(part, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=gen)
-        except Exception as exc:  # noqa: BLE001 - templates raise arbitrary Jinja exceptions
-            raise DataError(f"the chat template failed on this conversation ({exc})") from None
-
-    segments: Segments = []
-    done = ""
-    for k in (k for k, turn in enumerate(turns) if turn["role"] == "assistant"):
-        prompt, full = render(turns[:k], True), render(turns[: k + 1], False)
-        if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise DataError("the chat template does not render conversations incrementally (it changes earlier "
-                            "turns), so assistant tokens cannot be located; set chat_template to chatml or llama3")
-        answer = full[len(prompt):].rstrip()
-        segments += [(prompt[len(done):], False), (answer, True)]
-        done = prompt + answer
-    return segments
+def normalize_record(record: Record, fmt: str, columns: ColumnMap | None = None) -> list[Turn]:
+    """Turn a record into ``[{"role", "content", ...}]`` and check it (the text format gives one ``text`` turn)."""
+    return read_record(record.data, fmt, record.where, columns).turns
 
 
 def render_conversation(turns: list[Turn], tokenizer: Any, chat_template: str = "auto", train_on_prompt: bool = False,
-                        max_seq_length: int = 2048) -> Tokenized:
-    """Tokenize one normalised sample with its label mask, truncated to ``max_seq_length`` (flagged).
+                        max_seq_length: int = 2048, *, tools: list | None = None,
+                        template: Template | None = None) -> Tokenized:
+    """Tokenize one conversation as one sequence (see :mod:`.chat`); a ``text`` turn is BOS + text + EOS, all
+    trained. Templates that rewrite history (Qwen3) need :func:`render_samples`, which may give several."""
+    out = render_samples(turns, tokenizer, chat_template, train_on_prompt, max_seq_length, tools=tools,
+                         template=template)
+    if len(out) != 1:
+        raise DataError("the chat template rewrites earlier turns, so this conversation trains as one sequence per "
+                        "assistant turn; use render_samples")
+    return out[0]
 
-    Prompt (masked) and assistant (trained) text are tokenized separately, without special tokens added, and
-    concatenated, so the mask is exact at every edge. Every assistant turn ends with the tokenizer's EOS, which is
-    trained, so the model learns to stop. ``chat_template``: ``auto`` (the tokenizer's Jinja template, else
-    chatml), ``tokenizer``, ``chatml``, ``llama3``, ``alpaca`` or a Jinja string. A ``text`` turn: BOS + text + EOS.
-    """
+
+def render_samples(turns: list[Turn], tokenizer: Any, chat_template: str = "auto", train_on_prompt: bool = False,
+                   max_seq_length: int = 2048, *, tools: list | None = None,
+                   template: Template | None = None) -> list[Tokenized]:
+    """Tokenize one conversation into one or more training sequences with their label masks."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no eos_token; set one so the model can learn where answers end")
     if turns and turns[0]["role"] == "text":
-        ids = _bos_ids(tokenizer) + tokenizer(turns[0]["content"], add_special_tokens=False)["input_ids"] + [eos]
-        return Tokenized(ids[:max_seq_length], ids[:max_seq_length], len(ids) > max_seq_length)
-    own = getattr(tokenizer, "chat_template", None)
-    if chat_template == "tokenizer" and not own:
-        raise DataError("chat_template is 'tokenizer' but the tokenizer has no chat_template; use chatml or llama3")
-    if chat_template in ("auto", "tokenizer") and own:
-        segments = _jinja_segments(turns, tokenizer, None)
-    elif chat_template == "auto" or chat_template in _BUILTINS:
-        segments = _builtin_segments(turns, tokenizer, "chatml" if chat_template == "auto" else chat_template)
-    elif "{%" in chat_template or "{{" in chat_template:
-        segments = _jinja_segments(turns, tokenizer, chat_template)
-    else:
-        raise DataError(f"unknown chat_template {chat_template!r}; choose one of {', '.join(CHAT_TEMPLATES)}")
-    ids: list[int] = []
-    labels: list[int] = []
-    for piece, trained in segments:
-        toks = list(piece) if isinstance(piece, list) else tokenizer(piece, add_special_tokens=False)["input_ids"]
-        if trained and toks[-1:] != [eos]:
-            toks.append(eos)
-        ids += toks
-        labels += toks if trained or train_on_prompt else [IGNORE_INDEX] * len(toks)
-    return Tokenized(ids[:max_seq_length], labels[:max_seq_length], len(ids) > max_seq_length)
+        ids = bos_ids(tokenizer) + tokenizer(turns[0]["content"], add_special_tokens=False)["input_ids"] + [eos]
+        return [Tokenized(ids[:max_seq_length], ids[:max_seq_length], len(ids) > max_seq_length)]
+    template = template or resolve_template(tokenizer, chat_template)
+    return render_sequences(turns, tokenizer, template, tools=tools, train_on_prompt=train_on_prompt,
+                            max_seq_length=max_seq_length)
 
 
 @dataclass
@@ -355,6 +218,7 @@ class TextStats:
     truncated: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     def add(self, sample: Tokenized) -> None:
         self.samples += 1
@@ -367,19 +231,62 @@ class TextStats:
                 f"{self.truncated} truncated")
 
 
-def tokenize_dataset(records: list[Record], tokenizer: Any, *, data_format: str = "auto", chat_template: str = "auto",
-                     train_on_prompt: bool = False, max_seq_length: int = 2048) -> tuple[list[Tokenized], TextStats]:
-    """Check, normalise and tokenize every record; every error starts with the record's ``file:line``."""
-    fmt = resolve_format(records, data_format)
-    out, stats = [], TextStats()
+def read_conversations(records: list[Record], fmt: str, columns: ColumnMap | None = None,
+                       strict_fields: bool = False) -> tuple[list[tuple[Record, Conversation]], list[str]]:
+    """Read every record; fields we do not know are one warning each (first record named), or with
+    ``strict_fields`` an error."""
+    out, unknown = [], {}
     for rec in records:
-        turns = normalize_record(rec, fmt)
+        conv = read_record(rec.data, fmt, rec.where, columns)
+        for name in conv.unknown:
+            if strict_fields:
+                raise DataError(f"{rec.where}: unknown field {name!r} (strict_fields is on); remove it or set "
+                                "strict_fields: false to ignore it")
+            unknown.setdefault(name, [rec.where, 0])[1] += 1
+        out.append((rec, conv))
+    warnings = [f"{where}: unknown field {name!r} ignored (in {count} record{'s' * (count > 1)}); remove it, or "
+                "set strict_fields: true to make this an error" for name, (where, count) in unknown.items()]
+    return out, warnings
+
+
+def check_tools_supported(template: Template, tokenizer: Any, conv: Conversation) -> None:
+    """Refuse tools that the template would silently drop (it renders the same text with and without them)."""
+    from .chat import render_text
+
+    if conv.tools and render_text(template, tokenizer, conv.turns, False, conv.tools) == render_text(
+            template, tokenizer, conv.turns, False, None):
+        raise DataError(f"the record has tools but chat_template {template.name!r} does not render them; use the "
+                        "model's own template (one with tools support)")
+
+
+def tokenize_dataset(records: list[Record], tokenizer: Any, *, data_format: str = "auto", chat_template: str = "auto",
+                     train_on_prompt: bool = False, max_seq_length: int = 2048, columns: ColumnMap | None = None,
+                     strict_fields: bool = False, template_variables: dict[str, Any] | None = None,
+                     stop_ids: tuple[int, ...] = ()) -> tuple[list[Tokenized], TextStats]:
+    """Check, normalise and tokenize every record for SFT; every error starts with the record's ``file:line``.
+    A conversation whose template rewrites history gives one sample per assistant turn."""
+    fmt = resolve_format(records, data_format, columns)
+    convs, warnings = read_conversations(records, fmt, columns, strict_fields)
+    out, stats = [], TextStats(warnings=warnings)
+    template = None
+    for rec, conv in convs:
         try:
-            sample = render_conversation(turns, tokenizer, chat_template, train_on_prompt, max_seq_length)
+            if conv.chosen is not None:
+                raise DataError("preference record (chosen/rejected or completion/label) in an SFT run; set "
+                                "objective: dpo, orpo, simpo or kto")
+            if conv.label is False:
+                raise DataError("kto_tag is false (an undesirable answer): SFT would train it as a good one; drop "
+                                "the record or set objective: kto")
+            if conv.turns[0]["role"] != "text":
+                template = template or resolve_template(tokenizer, chat_template, stop_ids, template_variables)
+                check_tools_supported(template, tokenizer, conv)
+            samples = render_samples(conv.turns, tokenizer, chat_template, train_on_prompt, max_seq_length,
+                                     tools=conv.tools, template=template)
         except DataError as exc:
             raise DataError(f"{rec.where}: {exc}") from None
-        stats.add(sample)
-        out.append(sample)
+        for sample in samples:
+            stats.add(sample)
+            out.append(sample)
     return out, stats
 
 
@@ -447,6 +354,17 @@ def collate_packed(rows: list[PackedRow], pad_id: int, dtype: torch.dtype | None
             "labels": _pad([r.labels for r in rows], IGNORE_INDEX, length),
             "position_ids": _pad([r.position_ids for r in rows], 0, length),
             "attention_mask": torch.cat([packed_attention_mask(r.seq_lens, length, dtype) for r in rows])}
+
+
+def collate_flat(rows: list[PackedRow], pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows without any mask tensor: ``position_ids`` restarting at 0 per sample are what tells the model
+    where samples start. transformers turns them into per-sample attention (flash-attn varlen on a GPU; a block
+    mask built inside SDPA's path otherwise) when no ``attention_mask`` and no KV cache are passed (the task runs
+    with ``use_cache=False``). Pads: label -100, position 0, so each pad is a sequence of its own."""
+    length = max(len(r.input_ids) for r in rows)
+    return {"input_ids": _pad([r.input_ids for r in rows], pad_id, length),
+            "labels": _pad([r.labels for r in rows], IGNORE_INDEX, length),
+            "position_ids": _pad([r.position_ids for r in rows], 0, length)}
 
 
 def collate_padded(samples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ import torch
 from ..errors import ConfigError
 from .kohya import FAMILIES, PART_PREFIXES, kohya_module_name, split_peft_key
 
-PARTS = ("unet", "text_encoder", "text_encoder_2")
+PARTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _KOHYA_KINDS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 _SHOW = 3  # how many module names an error lists
@@ -70,6 +70,7 @@ def load_network_weights(
     *,
     family: str,
     adapter_name: str = "default",
+    tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Read the LoRA at ``path`` as peft state dicts for ``modules``, ready for
     ``peft.set_peft_model_state_dict(modules[part], result[part], adapter_name=...)``.
@@ -80,15 +81,18 @@ def load_network_weights(
     ``.safetensors`` file (SD1 diffusers-path or SDXL LDM-path UNet names, ``lora_te_``/``lora_te1_``/``lora_te2_``),
     a diffusers LoRA (``pytorch_lora_weights.safetensors`` from ``save_lora_weights``, or its folder), or a PEFT adapter
     folder (``adapter_model.safetensors`` + ``adapter_config.json``; or ``unet/``, ``text_encoder/``,
-    ``text_encoder_2/`` subfolders of those). Raises :class:`ConfigError` with one line for anything that does not fit.
+    ``text_encoder_2/`` subfolders of those). ``tensors``: diffusers-named tensors already converted from another
+    layout by a pipeline's ``lora_state_dict`` (``path`` is then only named in messages). Raises
+    :class:`ConfigError` with one line for anything that does not fit.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     path = Path(path).expanduser()
     targets = {part: _run_targets(module, adapter_name) for part, module in modules.items()}
     unet = modules.get("unet")
     unet_config = unet.config if unet is not None else None
-    found = _read(path, targets, family, unet_config)
+    if tensors is not None:
+        found = _read_diffusers(path, tensors, {}, targets)
+    else:
+        found = _read(path, targets, family, unet_config)
     return _to_peft(path, found, targets)
 
 
@@ -98,12 +102,13 @@ def apply_network_weights(
     *,
     family: str,
     adapter_name: str = "default",
+    tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """:func:`load_network_weights` and set the result into ``modules``' adapters (peft's
     ``set_peft_model_state_dict``), checking that every tensor landed."""
     from peft import set_peft_model_state_dict
 
-    states = load_network_weights(path, modules, family=family, adapter_name=adapter_name)
+    states = load_network_weights(path, modules, family=family, adapter_name=adapter_name, tensors=tensors)
     for part, state in states.items():
         result = set_peft_model_state_dict(modules[part], state, adapter_name=adapter_name)
         unexpected = getattr(result, "unexpected_keys", None) or []
@@ -166,6 +171,11 @@ def _read(path: Path, targets: Mapping[str, Mapping[str, _Target]], family: str,
                       f"(unet.*, text_encoder.*) or PEFT format (first key: {first}); export it in one of those")
 
 
+def read_lora_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor and the metadata of a LoRA file (``.safetensors`` or a weights-only torch file)."""
+    return _read_tensors(Path(path))
+
+
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         if path.suffix == ".safetensors":
@@ -185,6 +195,9 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def _read_kohya(path: Path, tensors: Mapping[str, torch.Tensor], targets: Mapping[str, Mapping[str, _Target]],
                 family: str, unet_config: Any) -> dict[str, dict[str, _Found]]:
+    if family not in FAMILIES:
+        raise ConfigError(f"network_weights: '{path}' is a kohya-format LoRA for a UNet model; a {family} LoRA "
+                          "continues from its own exports")
     names = {k.split(".", 1)[0] for k in tensors}
     sdxl_file = any(n.startswith(("lora_te1_", "lora_te2_")) for n in names)
     sd_file = any(n.startswith("lora_te_") for n in names)
@@ -258,7 +271,7 @@ def _read_diffusers(path: Path, tensors: Mapping[str, torch.Tensor], metadata: M
             continue
         alphas = {k.removesuffix(".alpha"): float(v.item()) for k, v in state.items() if k.endswith(".alpha")}
         state = {k: v for k, v in state.items() if not k.endswith(".alpha")}
-        if part == "unet":
+        if part in ("unet", "transformer"):
             state = convert_unet_state_dict_to_peft(state)
         else:
             state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
@@ -301,7 +314,7 @@ def _module_of(key: str) -> str:
 
 def _norm_te(name: str, part: str, targets: Mapping[str, Mapping[str, _Target]]) -> str:
     """A text-encoder module name with or without ``text_model.``, whichever the run's module uses."""
-    if part == "unet" or part not in targets or name in targets[part]:
+    if part in ("unet", "transformer") or part not in targets or name in targets[part]:
         return name
     other = name.removeprefix("text_model.") if name.startswith("text_model.") else f"text_model.{name}"
     return other if other in targets[part] else name

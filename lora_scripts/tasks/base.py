@@ -128,8 +128,17 @@ class Task(ABC):
         """Held-out samples (keyed like :meth:`dataset`) whose mean loss is logged as ``eval_loss``."""
         return None
 
+    def step_metrics(self) -> dict[str, float]:
+        """Extra scalars of the steps since the last call (e.g. preference rewards and margins), logged with the
+        loss to TensorBoard, W&B and ``logs/metrics.jsonl``; the task resets them when asked."""
+        return {}
+
     def generate_samples(self, model: "torch.nn.Module") -> list[tuple[str, Any]]:
         """(label, output) for each configured sample prompt; output is a str (text) or a PIL image (image)."""
+        return []
+
+    def export_warnings(self) -> list[str]:
+        """What consumers of the exported files cannot apply as trained (written to training_summary.json)."""
         return []
 
     # --- output --------------------------------------------------------------------------------------------------

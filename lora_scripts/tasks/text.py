@@ -8,8 +8,10 @@ same gradient.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +19,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..data.chat import generation_prompt_ids, resolve_template, stop_token_ids
+from ..data.formats import load_dataset_info
 from ..data.text import (
     IGNORE_INDEX,
     PackedRow,
-    Tokenized,
-    collate_packed,
+    collate_flat,
     collate_padded,
     length_grouped_order,
     load_records,
     load_text_dataset,
     pack,
-    render_conversation,
     tokenize_dataset,
 )
 from ..errors import ConfigError
@@ -65,8 +67,23 @@ def _hub_or_folder(value: str, what: str, marker: str) -> None:
 
 
 def _load_error(what: str, value: str, exc: Exception) -> ConfigError:
+    if "trust_remote_code" in str(exc):  # transformers' refusal to run a model folder's own code
+        return ConfigError(f"{what}: '{value}' needs its own Python code (a remote-code model such as ChatGLM3); "
+                           "set trust_remote_code: true if you trust that code")
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return ConfigError(f"{what}: could not load '{value}': {first}")
+
+
+def portable_base_name(base_model: str) -> str:
+    """The hub id of ``base_model`` (as given, or read from a hub cache path ``models--org--name/snapshots/x``),
+    else the local folder's name."""
+    path = Path(base_model).expanduser()
+    if not path.exists():
+        return base_model  # a hub id
+    for part in path.resolve().parts[::-1]:
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part[len("models--"):].replace("--", "/", 1)
+    return path.resolve().name
 
 
 def check_qlora_environment() -> None:
@@ -107,17 +124,38 @@ class TextTask(Task):
             raise ConfigError(f"network_weights: '{self.cfg.network_weights}' is not a PEFT adapter folder "
                               "(no adapter_config.json)")
 
-    def check_data(self) -> DataSummary:
-        from transformers import AutoTokenizer
+    def _load_tokenizer(self) -> None:
+        from transformers import AutoTokenizer, GenerationConfig
 
         cfg = self.cfg
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise _load_error("base_model", cfg.base_model, exc) from None
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        records = load_text_dataset(cfg.train_data_dir if cfg.metadata_path is None else None, cfg.metadata_path)
+        try:  # the model's own stop tokens (GLM: <|user|>, <|observation|>; Llama-3: <|eot_id|>)
+            eos = GenerationConfig.from_pretrained(cfg.base_model).eos_token_id
+        except (OSError, ValueError):
+            eos = None
+        extra = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.stop_ids = stop_token_ids(self.tokenizer, extra)
+        variables = {} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking}
+        self.template_options = dict(chat_template=cfg.chat_template, stop_ids=extra, template_variables=variables)
+
+    def _records(self):
+        cfg = self.cfg
+        columns, data_format, metadata = None, cfg.data_format, cfg.metadata_path
+        if cfg.dataset_info is not None:
+            metadata, fmt, columns, _ = load_dataset_info(cfg.dataset_info, cfg.dataset_name)
+            data_format = fmt if data_format == "auto" else data_format
+        records = load_text_dataset(cfg.train_data_dir if metadata is None else None, metadata)
+        return records, columns, data_format
+
+    def check_data(self) -> DataSummary:
+        cfg = self.cfg
+        self._load_tokenizer()
+        records, columns, data_format = self._records()
         val_records = load_records(cfg.val_data) if cfg.val_data else []
         if not val_records and cfg.val_size > 0:
             count = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(cfg.val_size * len(records)))
@@ -128,10 +166,21 @@ class TextTask(Task):
             held = set(order[:count].tolist())
             val_records = [r for i, r in enumerate(records) if i in held]
             records = [r for i, r in enumerate(records) if i not in held]
-        options = dict(data_format=cfg.data_format, chat_template=cfg.chat_template,
-                       train_on_prompt=cfg.train_on_prompt, max_seq_length=cfg.max_seq_length)
-        self.samples, self.stats = tokenize_dataset(records, self.tokenizer, **options)
-        self.val_samples = tokenize_dataset(val_records, self.tokenizer, **options)[0] if val_records else []
+        options = dict(data_format=data_format, max_seq_length=cfg.max_seq_length, columns=columns,
+                       strict_fields=cfg.strict_fields, **self.template_options)
+        if cfg.objective != "sft":
+            from ..data.preference import tokenize_preferences
+
+            if cfg.packing:
+                raise ConfigError(f"packing: true is for objective: sft; {cfg.objective} compares whole answers "
+                                  "(remove packing)")
+            tokenize = functools.partial(tokenize_preferences, objective=cfg.objective)
+        else:
+            tokenize = functools.partial(tokenize_dataset, train_on_prompt=cfg.train_on_prompt)
+        self.samples, self.stats = tokenize(records, self.tokenizer, **options)
+        for warning in self.stats.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        self.val_samples = tokenize(val_records, self.tokenizer, **options)[0] if val_records else []
         self.rows: list[PackedRow] | None = pack(self.samples, cfg.max_seq_length) if cfg.packing else None
         digest = hashlib.sha256()
         for record in records:
@@ -145,6 +194,26 @@ class TextTask(Task):
             + (f"; {len(self.val_samples)} validation samples" if self.val_samples else ""),
         )
 
+    def token_report(self, count: int) -> list[dict[str, Any]]:
+        """The first ``count`` training sequences: ids, labels, and the text with trained spans in \u27e6 \u27e7
+        (what ``lora-scripts check --show-tokens`` prints)."""
+        out = []
+        for sample in self.samples[:count]:
+            parts, run, trained = [], [], None
+            for token, label in zip(sample.input_ids, sample.labels):
+                if (label != IGNORE_INDEX) != trained and run:
+                    text = self.tokenizer.decode(run)
+                    parts.append(f"\u27e6{text}\u27e7" if trained else text)
+                    run = []
+                trained = label != IGNORE_INDEX
+                run.append(token)
+            if run:
+                text = self.tokenizer.decode(run)
+                parts.append(f"\u27e6{text}\u27e7" if trained else text)
+            out.append({"input_ids": sample.input_ids, "labels": sample.labels, "marked": "".join(parts),
+                        "trained": sum(label != IGNORE_INDEX for label in sample.labels)})
+        return out
+
     # --- model ---------------------------------------------------------------------------------------------------
     def load_model(self, device: torch.device, weight_dtype: torch.dtype) -> torch.nn.Module:
         from peft import PeftModel, get_peft_model
@@ -153,9 +222,8 @@ class TextTask(Task):
         cfg = self.cfg
         quantized = cfg.quantization == "4bit"
         try:
-            # eager attention adds our additive 4-D block-diagonal mask as is (packing); sdpa is faster otherwise
             model = AutoModelForCausalLM.from_pretrained(
-                cfg.base_model, dtype=weight_dtype, attn_implementation="eager" if cfg.packing else None,
+                cfg.base_model, dtype=weight_dtype, trust_remote_code=cfg.trust_remote_code,
                 **({"quantization_config": qlora_config(weight_dtype), "device_map": {"": device}} if quantized else {}),
             )
         except (OSError, ValueError) as exc:
@@ -190,11 +258,11 @@ class TextTask(Task):
 
         cfg = self.cfg
         try:
-            config = AutoConfig.from_pretrained(cfg.base_model)
+            config = AutoConfig.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise _load_error("base_model", cfg.base_model, exc) from None
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager" if cfg.packing else None)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
         model.requires_grad_(False)
         targets = cfg.target_modules or DEFAULT_TARGET_MODULES.get(config.model_type, "all-linear")
         model = get_peft_model(model, make_lora_config(cfg, targets, task_type="CAUSAL_LM"))
@@ -206,8 +274,8 @@ class TextTask(Task):
         def make_batch(batch_size: int) -> dict[str, Any]:
             ids = torch.zeros(batch_size, length, dtype=torch.long)
             batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-            if cfg.packing:
-                batch["attention_mask"] = torch.zeros(batch_size, 1, length, length)
+            if cfg.packing:  # no mask tensor: position ids mark the samples (collate_flat)
+                del batch["attention_mask"]
                 batch["position_ids"] = torch.arange(length).expand(batch_size, length).clone()
             return batch
 
@@ -226,23 +294,43 @@ class TextTask(Task):
     def epoch_order(self, epoch: int, seed: int, global_batch: int) -> np.ndarray | None:
         if self.rows is not None:
             return None  # packed rows are already full; a plain shuffle
-        lengths = [len(s) for s in self.samples]
+        lengths = [len(s) if not hasattr(s, "chosen") else len(s.chosen) + len(s.rejected or ()) for s in self.samples]
         return np.asarray(length_grouped_order(lengths, LENGTH_GROUP, np.random.default_rng([seed, epoch])))
 
     def collate(self, items: list[Any]) -> dict[str, Any]:
         pad = self.tokenizer.pad_token_id
         if isinstance(items[0], PackedRow):
-            return collate_packed(items, pad)
+            return collate_flat(items, pad)
+        if self.cfg.objective != "sft":
+            from ..data.preference import collate_preferences
+
+            return collate_preferences(items, pad)
         return collate_padded(items, pad)
 
     def loss_count(self, batch: dict[str, Any]) -> int:
+        if self.cfg.objective == "kto":
+            return int(batch["input_ids"].shape[0])  # examples
+        if self.cfg.objective != "sft":
+            return int(batch["input_ids"].shape[0] // 2)  # pairs
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
+    def step_metrics(self) -> dict[str, float]:
+        metrics = {k: v / max(self._metric_count, 1) for k, v in getattr(self, "_metrics", {}).items()}
+        self._metrics, self._metric_count = {}, 0
+        return metrics
+
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        if self.cfg.objective != "sft":
+            from .preference_loss import preference_loss
+
+            loss, metrics = preference_loss(self.cfg, model, {k: v.to(self.device) for k, v in batch.items()})
+            if torch.is_grad_enabled():  # training steps only, not evaluation
+                self._metrics = getattr(self, "_metrics", {})
+                for name, value in metrics.items():
+                    self._metrics[name] = self._metrics.get(name, 0.0) + value
+                self._metric_count = getattr(self, "_metric_count", 0) + 1
+            return loss
         inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
-        mask = inputs["attention_mask"]
-        if mask.dim() == 4:  # the additive packing mask must be in the model's dtype (eager attention adds it)
-            inputs["attention_mask"] = mask.to(self.model.dtype)
         # use_cache=False: no KV cache in training (and a cache would let transformers re-derive masks)
         logits = model(**inputs, use_cache=False).logits
         labels = batch["labels"].to(self.device)
@@ -253,13 +341,11 @@ class TextTask(Task):
 
     # --- samples and export --------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str) -> list[int]:
-        """Token ids of ``prompt`` as a user turn followed by the start of an assistant turn."""
-        rendered: Tokenized = render_conversation(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}], self.tokenizer,
-            self.cfg.chat_template, train_on_prompt=False, max_seq_length=10**9,
-        )
-        first_trained = next(i for i, label in enumerate(rendered.labels) if label != IGNORE_INDEX)
-        return rendered.input_ids[:first_trained]
+        """Token ids of ``prompt`` as a user turn followed by the template's generation prompt."""
+        opts = self.template_options
+        template = resolve_template(self.tokenizer, opts["chat_template"], opts["stop_ids"],
+                                    opts["template_variables"])
+        return generation_prompt_ids([{"role": "user", "content": prompt}], self.tokenizer, template)
 
     def generate_samples(self, model: torch.nn.Module) -> list[tuple[str, Any]]:
         out = []
@@ -269,15 +355,37 @@ class TextTask(Task):
             with torch.no_grad():
                 generated = model.generate(
                     input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.cfg.sample_max_new_tokens,
-                    do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+                    do_sample=False, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids,
                 )
             out.append((prompt, self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)))
+        return out
+
+    def export_warnings(self) -> list[str]:
+        cfg, out = self.cfg, []
+        if cfg.use_rslora:
+            out.append("use_rslora: llama.cpp's convert_lora_to_gguf.py scales the adapter by alpha/r, not "
+                       f"alpha/sqrt(r), so it would apply at {cfg.lora_rank ** -0.5:.2f}x strength there; give "
+                       "llama.cpp a merged model (lora-scripts export --merge)")
+        if cfg.use_dora:
+            out.append("use_dora: llama.cpp's LoRA converter refuses DoRA's magnitude vectors and vLLM cannot load "
+                       "DoRA adapters; give them a merged model (lora-scripts export --merge)")
         return out
 
     def export(self, model: torch.nn.Module, output_dir: Path, run: RunInfo) -> list[Path]:
         adapter_dir = output_dir / "adapter"
         model.save_pretrained(str(adapter_dir), safe_serialization=True)
         self.tokenizer.save_pretrained(str(adapter_dir))
-        provenance = {**run.provenance(), "steps": run.steps, "base_model": self.cfg.base_model}
+        # base_model_name_or_path: what means something on another machine (a hub id, else the folder name);
+        # the full local path stays in our own lora_scripts.json
+        config_path = adapter_dir / "adapter_config.json"
+        adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+        adapter_config["base_model_name_or_path"] = portable_base_name(self.cfg.base_model)
+        config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True), encoding="utf-8")
+        for warning in self.export_warnings():
+            print(f"warning: {warning}", file=sys.stderr)
+        local = Path(self.cfg.base_model).expanduser()
+        provenance = {**run.provenance(), "steps": run.steps, "base_model": self.cfg.base_model,
+                      "base_model_path": str(local.resolve()) if local.is_dir() else None,
+                      "warnings": self.export_warnings()}
         (adapter_dir / "lora_scripts.json").write_text(json.dumps(provenance, indent=2), encoding="utf-8")
         return [adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_config.json"]

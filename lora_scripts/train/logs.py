@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,8 @@ class TrainingLogger:
             self._wandb = wandb.init(project=cfg.wandb_project or "lora-scripts", config=run_config, resume="allow")
 
     def log_step(
-        self, step: int, epoch: int, loss: float, lr: float, elapsed_s: float, eval_loss: float | None = None
+        self, step: int, epoch: int, loss: float, lr: float, elapsed_s: float, eval_loss: float | None = None,
+        metrics: dict[str, float] | None = None,
     ) -> None:
         if self._csv is not None:
             eval_text = "" if eval_loss is None else f"{eval_loss:.6g}"
@@ -72,6 +74,13 @@ class TrainingLogger:
         scalars = {"train/loss": loss, "train/lr": lr}
         if eval_loss is not None:
             scalars["eval/loss"] = eval_loss
+        if metrics:  # task scalars (preference rewards/margins): TensorBoard, W&B and one JSON line per step
+            scalars.update({f"train/{k}": v for k, v in metrics.items()})
+            path = self.log_dir / "metrics.jsonl"
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, "loss": loss, **metrics}) + "\n")
+            if path not in self.files:
+                self.files.append(path)
         if self._tb is not None:
             for name, value in scalars.items():
                 self._tb.add_scalar(name, value, step)

@@ -404,6 +404,7 @@ class Trainer:
                 if first_step_at is None:
                     first_step_at = (time.time(), time.process_time())
                 lr = self.lr_scheduler.get_last_lr()[0]
+                metrics = self.task.step_metrics()
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1, refresh=False)
                 is_save = bool(cfg.save_steps) and step % cfg.save_steps == 0 and step < self.total_steps
@@ -412,7 +413,7 @@ class Trainer:
                 if logger is not None and (
                     step % cfg.logging.log_every_n_steps == 0 or is_last or eval_loss is not None
                 ):
-                    logger.log_step(step, epoch + 1, loss, lr, time.time() - self.started_at, eval_loss)
+                    logger.log_step(step, epoch + 1, loss, lr, time.time() - self.started_at, eval_loss, metrics)
                 if eval_loss is not None:
                     progress.write(f"step {step}: eval loss {eval_loss:.4f}")
                 if is_save:
@@ -515,6 +516,7 @@ class Trainer:
             "dataset_hash": self.data.dataset_hash,
             "lora_scripts_version": __version__,
             "files": [str(f) for f in result.files],
+            "warnings": self.task.export_warnings(),
         }
         (self.cfg.output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
