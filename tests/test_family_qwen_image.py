@@ -189,7 +189,7 @@ def test_component_errors_are_one_line_exit_2(model, data, tmp_path):
     cases = {
         "family": (dict(model_family="sdxl"), "is a Qwen-Image model, not"),
         "missing": (dict(base_model=str(single)), "set vae_path"),
-        "te": (dict(text_encoder_path=str(wrong_te)), "needs Qwen2.5-VL"),
+        "te": (dict(text_encoder_path=str(wrong_te)), "is a qwen3 model, but Qwen-Image expects qwen2_5_vl"),
     }
     for name, (overrides, expected) in cases.items():
         proc = run_cli("train", "--config", str(_write(tmp_path, model, data, name, **overrides)))

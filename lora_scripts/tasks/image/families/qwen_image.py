@@ -10,9 +10,9 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from ..objectives import FlowMatchingObjective
 from .base import Components
-from .flow_common import FlowTransformerFamily
+from .flow_common import FlowLoRAMixin, strip_prefix
+from .transformer import TransformerFamily
 
 # QwenImagePipeline.__init__ sets these on the instance; restated (not importable as constants) and checked against
 # the pipeline's own encode_prompt in tests/test_family_qwen_image.py
@@ -23,16 +23,18 @@ TEMPLATE_DROP = 34
 PIPELINE_MAX_LENGTH = 1024  # QwenImagePipeline refuses longer prompts
 
 
-class QwenImage(FlowTransformerFamily):
+class QwenImage(FlowLoRAMixin, TransformerFamily):
     name = "qwen_image"
     title = "Qwen-Image"
     pipeline_class = "QwenImagePipeline"
     denoiser_class = "QwenImageTransformer2DModel"
-    vae_class = "AutoencoderKLQwenImage"
-    text_encoder_class = "Qwen2_5_VLForConditionalGeneration"
-    text_encoder_types = ("qwen2_5_vl",)
-    text_encoder_title = "Qwen2.5-VL"
-    config_folder = "qwen-image"
+    components: ClassVar[dict[str, tuple[str, str]]] = {
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"), "vae": ("diffusers", "AutoencoderKLQwenImage"),
+        "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration"),
+        "tokenizer": ("transformers", "Qwen2Tokenizer")}
+    # ComfyUI's qwen_2.5_vl_7b.safetensors and the diffusers folder both hold the language model's layers
+    encoder_kinds = {"text_encoder": (("qwen2_5_vl",), "layers.0.self_attn.q_proj.weight")}
+    shipped_config = "qwen-image"
     # attention projections of both streams, as diffusers' DreamBooth LoRA script and ai-toolkit's Qwen-Image recipe
     default_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
                                             "add_v_proj", "to_add_out"]
@@ -44,8 +46,9 @@ class QwenImage(FlowTransformerFamily):
     image_patch = 2
 
     @classmethod
-    def matches_names(cls, names: Mapping[str, Any]) -> bool:
+    def matches_header(cls, shapes: Mapping[str, tuple[int, ...]]) -> bool:
         # img_mod/txt_mod per block and a top-level txt_norm: neither FLUX (norm1.linear) nor SD3 (context_embedder)
+        names = strip_prefix(shapes)
         return ("txt_norm.weight" in names and "transformer_blocks.0.img_mod.1.weight" in names
                 and "txt_in.text_norm.weight" not in names)  # the last: Qwen-Image 2.1, another architecture
 
@@ -108,13 +111,6 @@ class QwenImage(FlowTransformerFamily):
         return (latents - mean) / std
 
     # --- objective and denoiser ----------------------------------------------------------------------------------
-    def objective(self, scheduler: Any) -> FlowMatchingObjective:
-        return FlowMatchingObjective(scheduler.config, self.cfg)
-
-    def noise(self, objective: FlowMatchingObjective, latents: torch.Tensor, generators: list[torch.Generator]):
-        tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)  # the pipeline's image_seq_len for mu
-        return objective.noise(latents, generators, tokens)
-
     def denoise(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Pack 2x2, call the transformer as the pipeline does (timestep = sigma: the pipeline passes t / 1000 with
