@@ -213,7 +213,7 @@ class ImageTask(Task):
         """Add the LoRA adapters and gather the trained modules into one :class:`LoRANetwork`."""
         cfg, family = self.cfg, self.family
         denoiser = components.denoiser
-        denoiser.add_adapter(make_unet_lora_config(cfg, cfg.target_modules or family.default_targets))
+        denoiser.add_adapter(make_unet_lora_config(cfg, family.lora_targets(denoiser)))
         trained = []
         for index, encoder in enumerate(components.text_encoders):
             if cfg.train_text_encoder and index in family.text_encoder_lora:

@@ -157,6 +157,11 @@ class Family(ABC):
                 cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The denoiser's prediction, in the latents' layout."""
 
+    def lora_targets(self, denoiser: torch.nn.Module) -> list[str]:
+        """The denoiser's LoRA target modules: ``target_modules`` or the family's defaults (a family can leave out
+        modules whose output the model never uses, which DDP would otherwise refuse as parameters without grad)."""
+        return list(self.cfg.target_modules or self.default_targets)
+
     # --- sampling ------------------------------------------------------------------------------------------------
     @abstractmethod
     def pipeline(self, components: Components, denoiser: torch.nn.Module,
@@ -175,6 +180,16 @@ class Family(ABC):
     def kohya_tensors(self, parts: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float,
                       conv_alpha: float | None, denoiser_config: Any) -> dict[str, torch.Tensor]:
         """The single-file (kohya / ComfyUI) LoRA tensors from peft state dicts per part."""
+
+    def diffusers_lora_layers(self, part: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One part's peft state dict as the pipeline's ``save_lora_weights`` takes it. The UNet loaders read
+        diffusers' ``lora.down``/``lora.up`` names; the transformer loaders take peft's ``lora_A``/``lora_B`` as they
+        are (renaming them there hides ``to_q``/``to_k``/``to_v``/``to_out`` from the loader)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        if part == "transformer":
+            return dict(state)
+        return convert_state_dict_to_diffusers(state)
 
     def apply_network_weights(self, path: Path, modules: Mapping[str, torch.nn.Module]) -> None:
         """Continue from an existing LoRA (``network_weights``) in any format this family exports or reads."""
