@@ -262,9 +262,11 @@ class Flux(TransformerFamily):
     def load_single_file_denoiser(self, path: Path) -> torch.nn.Module:
         from safetensors.torch import load_file
 
+        from accelerate import init_empty_weights
+
         model_cls = self._denoiser_cls()
         config = model_cls.load_config(self.config_folder(), subfolder="transformer")
-        with torch.device("meta"):
+        with init_empty_weights(include_buffers=False):  # parameters on meta, filled below; buffers real
             model = model_cls.from_config(config)
         shapes = {k: v.shape for k, v in model.state_dict().items()}
         original = {k.removeprefix(PREFIX): v for k, v in load_file(str(path)).items()}
