@@ -239,7 +239,7 @@ def test_service_with_the_kubernetes_runner_end_to_end(tmp_path, kube):
     with TestClient(create_app(settings)) as client:
         assert isinstance(client.app.state.service.runner, KubernetesRunner)
         assert client.get("/readyz").json()["ready"] is True
-        job = client.post("/api/jobs", json={"config": {"base_model": "m", "train_data_dir": "d"}}, headers=AUTH)
+        job = client.post("/api/jobs", json={"config": {"base_model": "models/m", "train_data_dir": "datasets/d"}}, headers=AUTH)
         assert job.status_code == 201, job.text
         name = f"lora-train-{job.json()['id']}"
         wait_for(lambda: name in kube.jobs, "the Job to be created", timeout=30)

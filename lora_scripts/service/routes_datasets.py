@@ -14,10 +14,11 @@ from pydantic import BaseModel, Field
 
 from ..data.label import IMAGE_EXTENSIONS, read_existing_rows, write_metadata
 from ..errors import UserError
-from .app import Service, get_service, require_read, require_write
+from .app import ERROR_RESPONSES, Service, get_service, require_read, require_write
+from .job_paths import inside_roots, resolve_under, too_long
 from .security import UploadRefused, check_folder, check_type, extract_zip, read_limited, safe_filename, write_new_file
 
-router = APIRouter(prefix="/api/datasets", tags=["datasets"])
+router = APIRouter(prefix="/api/datasets", tags=["datasets"], responses=ERROR_RESPONSES)
 
 
 class DatasetIn(BaseModel):
@@ -133,7 +134,7 @@ def edit_captions(dataset_id: str, body: CaptionsIn, svc: Service = Depends(get_
     folder = _dataset(svc, dataset_id)
     errors = []
     for name in body.captions:
-        if not (folder / name).is_file() or Path(name).name != name:
+        if too_long(name) or Path(name).name != name or not (folder / name).is_file():
             errors.append({"loc": ["body", "captions", name], "msg": f"no image {name!r} in this dataset",
                            "type": "value_error"})
     if errors:
@@ -157,9 +158,17 @@ def auto_label(dataset_id: str, body: LabelIn, svc: Service = Depends(get_servic
     """Run ``lora-scripts label`` on the dataset (a subprocess, arguments as a list: no shell)."""
     folder = _dataset(svc, dataset_id)
     argv = [sys.executable, "-m", "lora_scripts.cli", "label", f"--input={folder}", f"--backend={body.backend}"]
+    if body.backend in ("caption", "tagger") and not body.model:
+        # the labeller would otherwise try the hub for its default model, and fail only after a long wait
+        raise HTTPException(422, [{"loc": ["body", "model"], "msg": f"the {body.backend} back-end needs a model "
+                                   "folder: put one under <home>/models and give its path (e.g. models/blip)",
+                                   "type": "missing"}])
     if body.model:
-        model = Path(body.model) if Path(body.model).is_absolute() else svc.home / body.model
-        argv.append(f"--model={model if model.exists() else body.model}")
+        model = None if too_long(body.model) else resolve_under(body.model, svc.home)
+        if model is None or not inside_roots(model, [r.resolve() for r in svc.read_roots()]):
+            raise HTTPException(422, [{"loc": ["body", "model"], "msg": f"{body.model[:100]!r} is not inside the "
+                                       "home's models folder or a --model-root", "type": "path_refused"}])
+        argv.append(f"--model={model}")
     if body.trigger:
         argv.append(f"--trigger={body.trigger}")  # KEY=VALUE form: a value starting with '-' stays a value
     if body.overwrite:

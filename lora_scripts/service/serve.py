@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from sqlalchemy.exc import OperationalError
@@ -29,6 +30,11 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
     if runner not in ("local", "kubernetes"):
         raise ConfigError(f"LORA_SCRIPTS_RUNNER: {runner!r} is not 'local' or 'kubernetes'")
     k8s_options = {key: getattr(args, f"k8s_{key}", None) for key in ("namespace", "image", "kubeconfig")}
+    model_roots = list(getattr(args, "model_root", None) or []) + \
+        [p for p in os.environ.get("LORA_SCRIPTS_MODEL_ROOTS", "").split(os.pathsep) if p]
+    for root in model_roots:
+        if not Path(root).expanduser().is_dir():
+            raise ConfigError(f"--model-root: {root} is not a folder; give an existing folder of models or data")
     command = os.environ.get("LORA_SCRIPTS_TRAIN_COMMAND")
     limit = int(args.max_upload_mb * 2**20)
     mirror_options = {}
@@ -42,6 +48,9 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         poll_seconds=float(os.environ.get("LORA_SCRIPTS_RUNNER_POLL", "1.0")),  # how often idle runners look
         lease_seconds=args.lease,
         runner=runner, k8s_options={k: v for k, v in k8s_options.items() if v},
+        allowed_hosts=list(getattr(args, "allowed_host", None) or [])
+        + [h for h in os.environ.get("LORA_SCRIPTS_ALLOWED_HOSTS", "").split(",") if h.strip()],
+        model_roots=[Path(p) for p in model_roots],
     )
 
 
@@ -72,6 +81,16 @@ def prepare_demo(settings: ServiceSettings) -> None:
     }
 
 
+def token_line(token: str, path: Path, created: bool, given: bool, terminal: bool) -> str:
+    """What the server says about its token. The token itself only on a terminal: container logs (``docker logs``,
+    ``kubectl logs``) and CI logs are read by more people than the service's users."""
+    if given:
+        return "access token: the one given (--token / LORA_SCRIPTS_TOKEN)"
+    if terminal:
+        return f"access token ({'new, ' if created else ''}saved in {path}): {token}"
+    return f"access token: {'generated and ' if created else ''}saved in {path} (not printed: stdout is not a terminal)"
+
+
 def run_server(args: argparse.Namespace) -> int:
     """Run until Ctrl-C / SIGTERM; running trainers are stopped with a checkpoint and requeued on the way out."""
     import uvicorn
@@ -88,12 +107,9 @@ def run_server(args: argparse.Namespace) -> int:
     svc = app.state.service
     shown = "localhost" if is_loopback(settings.host) else settings.host
     print(f"lora-scripts service: home {svc.home}, database {svc.store.engine.url.render_as_string(hide_password=True)}")
-    if svc.token_created:
-        print(f"access token (new, saved in {svc.home / 'token'}): {svc.token}")
-    elif not (args.token or os.environ.get("LORA_SCRIPTS_TOKEN")):
-        print(f"access token: in {svc.home / 'token'}")
-    token = svc.token if svc.token_created or args.demo else "<token>"
-    print(f"console: http://{shown}:{settings.port}/login?token={token}   API docs: http://{shown}:{settings.port}/docs",
-          flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    print(token_line(svc.token, svc.home / "token", svc.token_created,
+                     given=bool(args.token or os.environ.get("LORA_SCRIPTS_TOKEN")), terminal=sys.stdout.isatty()))
+    print(f"console: http://{shown}:{settings.port}/login   API docs: http://{shown}:{settings.port}/docs", flush=True)
+    # streams still open at shutdown (a followed log) are cut after a few seconds instead of holding SIGTERM up
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
