@@ -340,3 +340,103 @@ def test_unknown_methods_share_one_metric_label(service):
     routes = {line.split('route="')[1].split('"')[0] for line in text.splitlines()
               if line.startswith("lora_http_requests_total{")}
     assert all(r == "unmatched" or r.startswith("/") and service.job not in r for r in routes)
+
+
+class LiveServer:
+    """The app under uvicorn in a thread of this process, on a free loopback port (real sockets, real streams)."""
+
+    def __init__(self, home: Path, **settings) -> None:
+        import threading
+
+        import uvicorn
+
+        from lora_scripts.service.app import ServiceSettings, create_app
+
+        from .service_helpers import free_port
+
+        self.port = free_port()
+        app = create_app(ServiceSettings(home=home, token=TOKEN, run_jobs=False, port=self.port, **settings))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started, "the server to start", 30)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def threads_in_use(self) -> int:
+        """Worker threads of the server's pool borrowed right now (sync routes, file reads, old sync streams)."""
+        import asyncio
+
+        import anyio.to_thread
+
+        async def borrowed() -> int:
+            return anyio.to_thread.current_default_thread_limiter().borrowed_tokens
+
+        loop = self.server.servers[0].get_loop()
+        return asyncio.run_coroutine_threadsafe(borrowed(), loop).result(10)
+
+    def stop(self) -> float:
+        """Ask it to stop as SIGTERM does; return the seconds it took."""
+        import time
+
+        start = time.monotonic()
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "the server did not stop"
+        return time.monotonic() - start
+
+
+def test_many_log_followers_hold_no_worker_thread(tmp_path):
+    """45 clients following a queued job's log (it never ends): other routes still answer at once, and the server
+    stops promptly (the old sync generator slept in a worker thread each and hung every route and SIGTERM)."""
+    import httpx
+
+    server = LiveServer(tmp_path / "home", max_streams=60)
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as client:
+        job = client.post("/api/jobs", json={"config": {"base_model": "models/m", "train_data_dir": "datasets/d"}}).json()
+    followers = [httpx.Client(base_url=server.url, headers=AUTH, timeout=30) for _ in range(45)]
+    streams = []
+    try:
+        for c in followers:
+            stream = c.stream("GET", f"/api/jobs/{job['id']}/log", params={"follow": "true"})
+            res = stream.__enter__()
+            assert res.status_code == 200
+            streams.append(stream)
+        import time
+
+        busy = []
+        for _ in range(10):  # over two polls of every follower
+            busy.append(server.threads_in_use())
+            time.sleep(0.1)
+        assert max(busy) < 10, busy  # a sleeping follower holds none (it was one each, up to the pool's 40)
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=5) as client:
+            for _ in range(5):  # sync routes run in the thread pool: it must not be taken by the followers
+                assert client.get("/api/jobs").status_code == 200
+                assert client.get(f"/api/jobs/{job['id']}").status_code == 200
+    finally:
+        took = server.stop()
+        for c in followers:
+            c.close()
+    assert took < 30
+
+
+def test_log_streams_per_token_are_limited(tmp_path):
+    import httpx
+
+    server = LiveServer(tmp_path / "home", max_streams=2)
+    try:
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as client:
+            job = client.post("/api/jobs", json={"config": {"base_model": "models/m",
+                                                            "train_data_dir": "datasets/d"}}).json()
+            url = f"/api/jobs/{job['id']}/log?follow=true"
+            with client.stream("GET", url) as first, client.stream("GET", url) as second:
+                assert first.status_code == second.status_code == 200
+                third = client.get(url)
+                assert third.status_code == 429 and "at most 2" in third.json()["detail"]
+            # closed streams give their places back
+            streams = server.server.config.app.state.service.streams
+            wait_for(lambda: streams.get(TOKEN, 0) == 0, "the streams to be released", 10)
+            assert client.post(f"/api/jobs/{job['id']}/cancel").status_code == 200
+            assert client.get(url).status_code == 200  # a finished job's stream ends by itself
+    finally:
+        server.stop()
