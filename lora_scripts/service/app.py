@@ -297,7 +297,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             problems.append(f"runner: {svc.runner.store_error}")
         return JSONResponse({"ready": not problems, "problems": problems}, status_code=503 if problems else 200)
 
-    @app.get("/metrics", tags=["ops"], dependencies=[Depends(require_read)], responses=ERROR_RESPONSES)
+    @app.get("/metrics", tags=["ops"], dependencies=[Depends(require_read)],
+             responses={**ERROR_RESPONSES, 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                                 "description": "Prometheus text exposition"}})
     def metrics(request: Request, svc: Service = Depends(get_service)) -> Response:
         """Prometheus metrics."""
         from prometheus_client import CONTENT_TYPE_LATEST

@@ -115,7 +115,10 @@ def upload(dataset_id: str, files: list[UploadFile] = File(...), svc: Service = 
     return {"written": sorted(p.name for p in written), "dataset": describe(svc, dataset_id)}
 
 
-@router.get("/{dataset_id}/files/{name}", dependencies=[Depends(require_read)])
+@router.get("/{dataset_id}/files/{name}", dependencies=[Depends(require_read)],
+            responses={200: {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}},
+                                         "text/plain": {"schema": {"type": "string"}}},
+                             "description": "The file"}})
 def get_file(dataset_id: str, name: str, svc: Service = Depends(get_service)) -> FileResponse:
     """One file of the dataset (thumbnails in the console)."""
     folder = _dataset(svc, dataset_id)

@@ -128,7 +128,8 @@ def get_job(job_id: str, svc: Service = Depends(get_service)) -> dict[str, Any]:
     return describe(svc, svc.job_or_404(job_id))
 
 
-@router.get("/{job_id}/config", dependencies=[Depends(require_read)])
+@router.get("/{job_id}/config", dependencies=[Depends(require_read)],
+            responses={200: {"content": {"text/yaml": {"schema": {"type": "string"}}}, "description": "YAML"}})
 def get_config(job_id: str, svc: Service = Depends(get_service)) -> PlainTextResponse:
     """The resolved YAML config the trainer runs with."""
     return PlainTextResponse(svc.job_or_404(job_id)["config_yaml"], media_type="text/yaml")
@@ -184,7 +185,9 @@ class _CountedStream(StreamingResponse):
             self._release()
 
 
-@router.get("/{job_id}/log")
+@router.get("/{job_id}/log", responses={200: {"description": "JSON {text, offset}; with follow=true a text stream",
+                                               "content": {"application/json": {"schema": {"type": "object"}},
+                                                           "text/plain": {"schema": {"type": "string"}}}}})
 async def get_log(job_id: str, offset: int = Query(0, ge=0), follow: bool = False,
                   token: str = Depends(require_read), svc: Service = Depends(get_service)) -> Any:
     """The trainer's log from byte ``offset``: JSON {text, offset} to poll, or with ``follow=true`` a plain-text
@@ -227,7 +230,10 @@ def list_artifacts(job_id: str, svc: Service = Depends(get_service)) -> list[dic
     return _artifacts(out) if out else []
 
 
-@router.get("/{job_id}/artifacts/{path:path}", dependencies=[Depends(require_read)])
+@router.get("/{job_id}/artifacts/{path:path}", dependencies=[Depends(require_read)],
+            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                 "format": "binary"}}},
+                             "description": "The file"}})
 def download(job_id: str, path: str, svc: Service = Depends(get_service)) -> FileResponse:
     """Download one file of the job's output folder."""
     svc.job_or_404(job_id)
