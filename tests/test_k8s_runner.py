@@ -236,7 +236,7 @@ def test_service_with_the_kubernetes_runner_end_to_end(tmp_path, kube):
     settings = ServiceSettings(home=home, token="test-token", poll_seconds=0.05, runner="kubernetes", worker="k8s",
                                k8s_options={"namespace": NS, "image": IMAGE, "data_path": str(tmp_path / "data"),
                                             "kubeconfig": str(kube.kubeconfig(tmp_path / "kubeconfig"))})
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://localhost") as client:
         assert isinstance(client.app.state.service.runner, KubernetesRunner)
         assert client.get("/readyz").json()["ready"] is True
         job = client.post("/api/jobs", json={"config": {"base_model": "models/m", "train_data_dir": "datasets/d"}}, headers=AUTH)

@@ -28,7 +28,7 @@ def test_console_upload_label_submit_watch_download(tmp_path, tiny_sd, image_dat
 
     home = tmp_path / "home"
     home.mkdir()
-    server = ServerProcess(home)
+    server = ServerProcess(home, extra=["--model-root", str(tiny_sd.parent)])
     docs = Path(os.environ.get("LORA_SCRIPTS_SCREENSHOT_DIR") or tmp_path / "screenshots")
     docs.mkdir(parents=True, exist_ok=True)
     try:
@@ -38,9 +38,10 @@ def test_console_upload_label_submit_watch_download(tmp_path, tiny_sd, image_dat
             page.set_default_timeout(60_000)
             expect.set_options(timeout=60_000)
 
-            page.goto(server.url + "/")
-            page.fill("header input[name=token]", TOKEN)
-            page.click("header button")
+            page.goto(server.url + "/")  # every page asks to sign in first; the form POSTs the token
+            page.fill("input[name=token]", TOKEN)
+            page.click("button")
+            assert TOKEN not in page.url
             expect(page.locator(".signed")).to_have_text("signed in")
 
             page.fill("#new-dataset input[name=name]", "shapes")
