@@ -440,3 +440,27 @@ def test_log_streams_per_token_are_limited(tmp_path):
             assert client.get(url).status_code == 200  # a finished job's stream ends by itself
     finally:
         server.stop()
+
+
+# --- 6. console ------------------------------------------------------------------------------------------------
+def test_job_form_preselects_the_dataset_it_was_filled_for(tmp_path):
+    defaults = {"name": "demo", "dataset_id": "demo-shapes", "text": {"base_model": "models/tiny-llama"}}
+    with client_for(tmp_path / "home", run_jobs=False, form_defaults=defaults) as client:
+        client.cookies.set("lora_token", TOKEN)
+        store = client.app.state.service.store
+        store.create_dataset("demo-shapes", "shapes (demo)")
+        store.create_dataset("newer", "uploaded later")  # the newest: it used to be preselected
+        form = client.get("/jobs/new").text
+        assert '<option value="demo-shapes" selected>' in form and '<option value="newer" >' in form
+        assert '<option value="newer" selected>' in client.get("/jobs/new?dataset=newer").text
+        assert 'name="task"' in form and 'data-task="text"' in form and "models/tiny-llama" in form
+
+
+def test_sidecar_captions_are_counted(service):
+    files = [("files", ("a.png", png_bytes(), "image/png")), ("files", ("a.txt", b"a red square", "text/plain")),
+             ("files", ("b.png", png_bytes((0, 9, 200)), "image/png"))]
+    res = service.post(f"/api/datasets/{service.dataset}/files", files=files, headers=AUTH).json()["dataset"]
+    assert (res["captioned"], res["sidecar_only"]) == (1, 0)  # no metadata.csv: the trainer reads the sidecars
+    service.put(f"/api/datasets/{service.dataset}/captions", json={"captions": {"b.png": "blue"}}, headers=AUTH)
+    res = service.get(f"/api/datasets/{service.dataset}", headers=AUTH).json()
+    assert (res["captioned"], res["sidecar_only"]) == (1, 1)  # metadata.csv now wins: the console says so

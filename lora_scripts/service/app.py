@@ -340,7 +340,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     @app.get("/jobs/new", response_class=HTMLResponse, include_in_schema=False)
     def new_job_page(request: Request, dataset: str | None = None) -> HTMLResponse:
         svc: Service = request.app.state.service
-        return page(request, "job_new.html", datasets=svc.store.list_datasets(), selected=dataset,
+        # the dataset asked for, else the one the pre-filled form is about (the demo's), else none: never silently
+        # the newest, which may not be the one the form's other fields were written for
+        selected = dataset or svc.settings.form_defaults.get("dataset_id")
+        return page(request, "job_new.html", datasets=svc.store.list_datasets(), selected=selected,
                     defaults=svc.settings.form_defaults)
 
     @app.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)

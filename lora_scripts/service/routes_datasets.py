@@ -63,9 +63,28 @@ def describe(svc: Service, dataset_id: str) -> dict[str, Any]:
         captions = {}
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS) \
         if folder.is_dir() else []
+    sidecars = {n: _sidecar(folder, n) for n in names if n not in captions}
+    sidecars = {n: c for n, c in sidecars.items() if c}
+    if not (folder / "metadata.csv").exists():
+        captions = sidecars  # what the trainer reads then (caption_source auto falls back to the sidecars)
+        sidecars = {}
     images = [{"name": n, "caption": captions.get(n), "url": f"/api/datasets/{dataset_id}/files/{n}"} for n in names]
     return {**ds, "path": str(folder), "images": images, "count": len(images),
-            "captioned": sum(1 for i in images if i["caption"])}
+            "captioned": sum(1 for i in images if i["caption"]),
+            # images whose only caption is a sidecar while metadata.csv exists: training ignores it until merged
+            "sidecar_only": len(sidecars)}
+
+
+def _sidecar(folder: Path, image: str) -> str | None:
+    """The caption in ``<stem>.txt`` or ``<stem>.caption`` beside an image, if any."""
+    for suffix in (".txt", ".caption"):
+        path = folder / (Path(image).stem + suffix)
+        if path.is_file() and not path.is_symlink():
+            try:
+                return " ".join(path.read_text(encoding="utf-8").split())[:1000] or None
+            except (OSError, UnicodeDecodeError):
+                return None
+    return None
 
 
 @router.post("", status_code=201, dependencies=[Depends(require_write)])

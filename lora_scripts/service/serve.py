@@ -55,9 +55,10 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
 
 
 def prepare_demo(settings: ServiceSettings) -> None:
-    """Put the tiny SD model in <home>/models/tiny-sd and a captioned 'shapes' dataset in the store (once), and
-    pre-fill the job form for them."""
-    from ..testing import make_captioned_images, make_tiny_sd_model
+    """Put the tiny SD model in <home>/models/tiny-sd and a captioned 'shapes' dataset in the store, and for the
+    text task a tiny LLaMA-shaped model in <home>/models/tiny-llama and an instruction set in
+    <home>/datasets/demo-text (once each); pre-fill the job form for both tasks."""
+    from ..testing import make_captioned_images, make_instruction_data, make_tiny_causal_lm, make_tiny_sd_model
     from .store import JobStore
 
     settings.resolved()
@@ -65,19 +66,32 @@ def prepare_demo(settings: ServiceSettings) -> None:
     if not (model / "model_index.json").exists():
         print(f"demo: building a tiny Stable Diffusion model in {model}")
         make_tiny_sd_model(model)
+    text_model = settings.home / "models" / "tiny-llama"
+    if not (text_model / "config.json").exists():
+        print(f"demo: building a tiny LLaMA-shaped text model in {text_model}")
+        make_tiny_causal_lm(text_model, "llama")
+    text_data = settings.home / "datasets" / "demo-text" / "instructions.jsonl"
+    if not text_data.exists():
+        make_instruction_data(text_data, "alpaca", repeat=4)
+        print(f"demo: instruction set for the text task in {text_data}")
     store = JobStore(settings.db_url)
     store.migrate()
-    if not any(d["name"] == "shapes (demo)" for d in store.list_datasets()):
-        dataset_id = "demo-shapes"
+    dataset_id = "demo-shapes"
+    if store.get_dataset(dataset_id) is None:
         make_captioned_images(settings.home / "datasets" / dataset_id, count=12)
         store.create_dataset(dataset_id, "shapes (demo)")
         print(f"demo: dataset 'shapes (demo)' with 12 captioned images in {settings.home / 'datasets' / dataset_id}")
     store.dispose()
     settings.form_defaults = {
-        "name": "demo shapes LoRA", "base_model": "models/tiny-sd", "resolution": 32, "lora_rank": 4, "batch_size": 4,
-        "max_train_steps": 60, "learning_rate": "2e-3", "save_steps": 10,
+        "name": "demo shapes LoRA", "dataset_id": dataset_id, "base_model": "models/tiny-sd", "resolution": 32,
+        "lora_rank": 4, "batch_size": 4, "max_train_steps": 60, "learning_rate": "2e-3", "save_steps": 10,
         "sample_prompts": "a red circle in the style of lora",
         "config_yaml": "sample_every_n_steps: 20\nlogging:\n  tensorboard: false\n",
+        # what the form switches to when the task selector says text
+        "text": {"name": "demo text LoRA", "base_model": "models/tiny-llama", "metadata_path":
+                 "datasets/demo-text/instructions.jsonl", "max_seq_length": 128, "lora_rank": 8, "batch_size": 4,
+                 "max_train_steps": 30, "learning_rate": "5e-3", "save_steps": 10, "sample_prompts": "Name a colour.",
+                 "config_yaml": "packing: true\nsample_max_new_tokens: 12\nlogging:\n  tensorboard: false\n"},
     }
 
 
