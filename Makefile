@@ -52,7 +52,7 @@ lock:
 demo: install
 	$(VENV)/bin/lora-scripts demo --output-dir demo_output
 
-# the web console and API on the tiny model: open the printed http://localhost:7860/login?token=... link
+# the web console and API on the tiny model: open http://localhost:7860/login and sign in with the printed token
 serve-demo: install
 	$(VENV)/bin/lora-scripts serve --demo --home demo_output/service
 

@@ -5,10 +5,8 @@ stuck in ``running``, unbounded metric labels, spooled oversize bodies."""
 from __future__ import annotations
 
 import errno
-import io
 import os
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
