@@ -288,7 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     # the training service: FastAPI and SQLAlchemy are imported only when it runs (lora_scripts/service/)
     p = sub.add_parser("serve", help="web console and REST API to submit and watch training jobs")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (non-loopback: reads need the token too)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (every API read and write needs the token)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host name clients use to reach the server (e.g. lora.example.com or *.example.com), "
+                   "besides localhost and the bound address; repeat for more (default from LORA_SCRIPTS_ALLOWED_HOSTS, "
+                   "comma-separated)")
+    p.add_argument("--model-root", action="append", default=[], metavar="FOLDER",
+                   help="a folder jobs may read base models, weights and data from, besides <home>/models and "
+                   "<home>/datasets; repeat for more (default from LORA_SCRIPTS_MODEL_ROOTS, separated by ':')")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--home", default="lora_home", help="folder for the database, datasets and jobs (default lora_home)")
     p.add_argument("--db", help="database URL (default: SQLite in the home; or postgresql://user@host/db)")

@@ -179,6 +179,29 @@ class FakeKube:
             for pod in [p for p, v in self.pods.items() if v["metadata"]["labels"].get("job-name") == name]:
                 del self.pods[pod]
 
+    def rbac_rules(self) -> dict[tuple[str, str], set[str]]:
+        """The RBAC (apiGroup, resource) -> verbs that the recorded requests needed, as the API server authorises
+        them: POST create, GET of one object get, GET of a collection list (watch with ?watch=true), DELETE delete."""
+        needed: dict[tuple[str, str], set[str]] = {}
+        with self.lock:
+            requests = list(self.requests)
+        for r in requests:
+            path, method = r["path"], r["method"]
+            if _LOG.match(path):
+                key, one = ("", "pods/log"), True
+            elif _POD.match(path) or _PODS.match(path):
+                key, one = ("", "pods"), bool(_POD.match(path))
+            elif _JOB.match(path) or _JOBS.match(path):
+                key, one = ("batch", "jobs"), bool(_JOB.match(path))
+            else:
+                raise AssertionError(f"unexpected request {method} {path}")
+            if method == "GET":
+                verb = "get" if one else ("watch" if r["query"].get("watch") == ["true"] else "list")
+            else:
+                verb = {"POST": "create", "DELETE": "delete", "PUT": "update", "PATCH": "patch"}[method]
+            needed.setdefault(key, set()).add(verb)
+        return needed
+
     def calls(self, method: str, path_part: str = "") -> list[dict[str, Any]]:
         with self.lock:
             return [r for r in self.requests if r["method"] == method and path_part in r["path"]]

@@ -120,7 +120,7 @@ class ServerProcess:
         self.log = open(home.parent / f"server-{self.port}.log", "ab")
         self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
-        self.client = httpx.Client(base_url=self.url, timeout=60)
+        self.client = httpx.Client(base_url=self.url, timeout=60, headers=AUTH)  # every API read needs the token
         wait_for(self._ready, f"server on port {self.port}", timeout=120)
 
     def _ready(self) -> bool:

@@ -85,6 +85,12 @@ def test_checkov():
     assert summary["skipped"] == 0, "no checkov skips in the Dockerfile"
 
 
+def test_builds_without_a_registry_for_the_frontend():
+    """A `# syntax=` directive makes BuildKit pull its frontend image from Docker Hub: the build then fails where no
+    registry is reachable. Nothing in the file needs a newer frontend than the built-in one."""
+    assert not re.search(r"^#\s*syntax\s*=", dockerfile(), re.M | re.I)
+
+
 # --- dependencies ------------------------------------------------------------------------------------------------
 
 def test_dependencies_come_from_the_hash_lock():

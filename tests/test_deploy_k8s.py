@@ -189,9 +189,8 @@ def test_the_service_deployment_fits_the_runner_and_the_rbac():
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
     role = find(docs, "Role", binding["roleRef"]["name"])
     assert binding["roleRef"]["kind"] == "Role"
-    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
-    assert rules == {(("batch",), ("jobs",)): {"create", "get", "list", "watch", "delete"},
-                     (("",), ("pods",)): {"get", "list"}, (("",), ("pods/log",)): {"get"}}
+    # its verbs are the runner's recorded calls: test_k8s_runner.py::test_the_role_grants_exactly_what_the_runner_calls
+    assert all(r["apiGroups"] in ([""], ["batch"]) and "*" not in r["verbs"] for r in role["rules"])
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
 
 

@@ -37,7 +37,7 @@ def make_client(home: Path):
     from lora_scripts.service.app import ServiceSettings, create_app
 
     return TestClient(create_app(ServiceSettings(home=home, token="test-token", run_jobs=False)),
-                      raise_server_exceptions=False)
+                      raise_server_exceptions=False, base_url="http://localhost")  # a Host the server serves
 
 
 # --- schemas -----------------------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def exported_metrics(tmp_path) -> set[str]:
     with make_client(tmp_path / "home") as client:
         client.get("/healthz")
         client.get("/api/jobs/nope", headers={"Authorization": "Bearer test-token"})
-        text = client.get("/metrics").text
+        text = client.get("/metrics", headers={"Authorization": "Bearer test-token"}).text
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 
 
@@ -233,7 +233,7 @@ def test_http_metrics_count_requests_by_route_template_and_status(tmp_path):
         assert client.get("/static/console.css").status_code == 200
         assert client.get("/no/such/page").status_code == 404
         assert client.get("/boom-for-test").status_code == 500
-        text = client.get("/metrics").text
+        text = client.get("/metrics", headers={"Authorization": "Bearer test-token"}).text
 
     def value(sample: str) -> float:
         match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
@@ -264,5 +264,5 @@ def test_each_app_counts_its_own_requests(tmp_path):
         first.get("/healthz")
     with make_client(tmp_path / "b") as second:
         second.get("/healthz")
-        text = second.get("/metrics").text
+        text = second.get("/metrics", headers={"Authorization": "Bearer test-token"}).text
     assert 'lora_http_requests_total{method="GET",route="/healthz",status="200"} 1.0' in text

@@ -236,10 +236,10 @@ def test_service_with_the_kubernetes_runner_end_to_end(tmp_path, kube):
     settings = ServiceSettings(home=home, token="test-token", poll_seconds=0.05, runner="kubernetes", worker="k8s",
                                k8s_options={"namespace": NS, "image": IMAGE, "data_path": str(tmp_path / "data"),
                                             "kubeconfig": str(kube.kubeconfig(tmp_path / "kubeconfig"))})
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://localhost") as client:
         assert isinstance(client.app.state.service.runner, KubernetesRunner)
         assert client.get("/readyz").json()["ready"] is True
-        job = client.post("/api/jobs", json={"config": {"base_model": "m", "train_data_dir": "d"}}, headers=AUTH)
+        job = client.post("/api/jobs", json={"config": {"base_model": "models/m", "train_data_dir": "datasets/d"}}, headers=AUTH)
         assert job.status_code == 201, job.text
         name = f"lora-train-{job.json()['id']}"
         wait_for(lambda: name in kube.jobs, "the Job to be created", timeout=30)
@@ -294,3 +294,44 @@ def test_serve_options_reach_the_runner(tmp_path, kube):
     assert (runner.namespace, runner.image) == ("team-a", IMAGE)
     os.environ.pop("LORA_SCRIPTS_RUNNER", None)
     assert settings_from_args(build_parser().parse_args(["serve", "--home", str(tmp_path / "h")])).runner == "local"
+
+
+def test_the_role_grants_exactly_what_the_runner_calls(tmp_path, kube, store, monkeypatch):
+    """deploy/k8s/base/rbac.yaml against the verbs the runner's recorded requests needed over a whole life: its own
+    pod's image, submit, a pending and a running pod, the log, success, cancel (a Foreground delete), resume."""
+    import yaml
+
+    from lora_scripts.service.k8s_runner import SERVICE_CONTAINER
+
+    from .conftest import REPO_ROOT
+
+    monkeypatch.setenv("POD_NAME", "lora-scripts-0")
+    kube.pods["lora-scripts-0"] = {"metadata": {"name": "lora-scripts-0", "namespace": NS, "labels": {}},
+                                   "spec": {"containers": [{"name": SERVICE_CONTAINER, "image": IMAGE}]}}
+    runner = make_runner(tmp_path, kube, store)
+    runner.image = None  # as in the cluster without --k8s-image: read from the service's own pod
+    queue(store, runner, "ok")
+    runner.tick()
+    kube.pending_pod("lora-train-ok", "0/1 nodes are available")
+    runner.tick()
+    pod = kube.start_pod("lora-train-ok", b"step 1\n")
+    runner.tick()
+    kube.finish("lora-train-ok", pod, 0)
+    runner.tick()
+    assert store.get_job("ok")["state"] == "succeeded"
+    queue(store, runner, "c")
+    runner.tick()
+    kube.start_pod("lora-train-c", b"step 1\n")
+    store.request_cancel("c")
+    for _ in range(3):
+        runner.tick()
+    assert store.get_job("c")["state"] == "cancelled"
+
+    docs = list(yaml.safe_load_all((REPO_ROOT / "deploy" / "k8s" / "base" / "rbac.yaml").read_text()))
+    role = next(d for d in docs if d["kind"] == "Role")
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    assert granted == kube.rbac_rules()

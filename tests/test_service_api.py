@@ -20,7 +20,9 @@ def make_client(home: Path, **settings):
 
     from lora_scripts.service.app import ServiceSettings, create_app
 
-    return TestClient(create_app(ServiceSettings(home=home, token="test-token", poll_seconds=0.1, **settings)))
+    # the Host a browser on this machine sends: the server refuses names it does not serve (DNS rebinding)
+    return TestClient(create_app(ServiceSettings(home=home, token="test-token", poll_seconds=0.1, **settings)),
+                      base_url="http://localhost")
 
 
 def png_bytes(colour=(200, 30, 30), size=(40, 40)) -> bytes:
@@ -39,6 +41,8 @@ def test_health_docs_and_console_pages(tmp_path):
                      "/api/datasets/{dataset_id}/label", "/api/datasets/{dataset_id}/captions",
                      "/api/datasets/{dataset_id}/check", "/metrics"):
             assert path in paths
+        assert client.get("/").status_code == 401  # the console asks to sign in first
+        client.cookies.set("lora_token", "test-token")
         assert "Jobs" in client.get("/").text
         assert 'id="job-form"' in client.get("/jobs/new").text
     token = (tmp_path / "home" / "token")
@@ -54,7 +58,7 @@ def test_dataset_upload_label_captions_check(tmp_path):
         res = client.post(f"/api/datasets/{ds['id']}/files", files=files, headers=AUTH)
         assert res.status_code == 200, res.text
         assert res.json()["written"] == ["blue_square.png", "blue_square.txt", "red_circle_01.png"]
-        thumb = client.get(f"/api/datasets/{ds['id']}/files/red_circle_01.png")
+        thumb = client.get(f"/api/datasets/{ds['id']}/files/red_circle_01.png", headers=AUTH)
         assert thumb.status_code == 200 and thumb.content == png_bytes()
 
         res = client.post(f"/api/datasets/{ds['id']}/label", json={"backend": "filename", "trigger": "sks"},
@@ -78,8 +82,8 @@ def test_dataset_upload_label_captions_check(tmp_path):
 
 
 def test_job_validation_errors_per_field(tmp_path, tiny_sd):
-    with make_client(tmp_path / "home", run_jobs=False) as client:
-        res = client.post("/api/jobs", json={"config": {"base_model": str(tiny_sd), "train_data_dir": "x",
+    with make_client(tmp_path / "home", run_jobs=False, model_roots=[tiny_sd.parent]) as client:
+        res = client.post("/api/jobs", json={"config": {"base_model": str(tiny_sd), "train_data_dir": "datasets/x",
                                                         "lora_rank": "many", "learning_rat": 1, "resume": "latest"}},
                           headers=AUTH)
         assert res.status_code == 422
@@ -90,22 +94,23 @@ def test_job_validation_errors_per_field(tmp_path, tiny_sd):
         assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", "config_yaml"]
         res = client.post("/api/jobs", json={"dataset_id": "nope", "config": {"base_model": "m"}}, headers=AUTH)
         assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", "dataset_id"]
-        res = client.post("/api/jobs/validate", json={"config_yaml": f"base_model: {tiny_sd}\ntrain_data_dir: data\n"},
-                          headers=AUTH)
+        res = client.post("/api/jobs/validate",
+                          json={"config_yaml": f"base_model: {tiny_sd}\ntrain_data_dir: datasets/data\n"}, headers=AUTH)
         assert res.status_code == 200
-        assert res.json()["config"]["train_data_dir"] == str(tmp_path / "home" / "data")  # relative to the home
+        # relative to the home
+        assert res.json()["config"]["train_data_dir"] == str((tmp_path / "home" / "datasets" / "data").resolve())
         assert client.get("/api/jobs", headers=AUTH).json() == []  # nothing was queued
 
 
 def test_queue_cancel_resume_and_metrics(tmp_path, tiny_sd):
     home = tmp_path / "home"
-    with make_client(home, run_jobs=False) as client:
-        body = {"config": {"base_model": str(tiny_sd), "train_data_dir": "data"}}
+    with make_client(home, run_jobs=False, model_roots=[tiny_sd.parent]) as client:
+        body = {"config": {"base_model": str(tiny_sd), "train_data_dir": "datasets/data"}}
         ids = [client.post("/api/jobs", json={**body, "name": f"j{i}"}, headers=AUTH).json()["id"] for i in range(3)]
         assert [j["state"] for j in client.get("/api/jobs", headers=AUTH).json()] == ["queued"] * 3
         assert client.post(f"/api/jobs/{ids[0]}/cancel", headers=AUTH).json()["state"] == "cancelled"
         assert client.post(f"/api/jobs/{ids[1]}/resume", headers=AUTH).status_code == 409  # queued: nothing to resume
-        metrics = client.get("/metrics").text
+        metrics = client.get("/metrics", headers=AUTH).text
         assert 'lora_jobs{state="queued"} 2.0' in metrics and 'lora_jobs{state="cancelled"} 1.0' in metrics
         assert "lora_queue_length 2.0" in metrics
         assert client.post(f"/api/jobs/{ids[0]}/resume", headers=AUTH).json()["state"] == "queued"
@@ -113,11 +118,11 @@ def test_queue_cancel_resume_and_metrics(tmp_path, tiny_sd):
         assert client.get("/api/jobs/nope", headers=AUTH).status_code == 404
 
     # a runner on the same home now runs them (the fake trainer just records the job id), oldest first
-    with make_client(home, train_command=RECORD_COMMAND) as client:
+    with make_client(home, train_command=RECORD_COMMAND, model_roots=[tiny_sd.parent]) as client:
         for job_id in ids:
             assert wait_job(client, job_id)["state"] == "succeeded"
         assert (home / "ran.txt").read_text().split() == ids
-        assert "lora_queue_length 0.0" in client.get("/metrics").text
+        assert "lora_queue_length 0.0" in client.get("/metrics", headers=AUTH).text
 
 
 def test_cancel_running_job_sends_sigterm(tmp_path, tiny_sd):
@@ -128,14 +133,14 @@ def test_cancel_running_job_sends_sigterm(tmp_path, tiny_sd):
                "signal.signal(signal.SIGTERM, lambda *a: (print('stopped by SIGTERM', flush=True), sys.exit(0)))\n"
                "print('training', flush=True)\n"
                "while True: time.sleep(0.1)"]
-    with make_client(home, train_command=command) as client:
-        job = client.post("/api/jobs", json={"config": {"base_model": str(tiny_sd), "train_data_dir": "d"}},
+    with make_client(home, train_command=command, model_roots=[tiny_sd.parent]) as client:
+        job = client.post("/api/jobs", json={"config": {"base_model": str(tiny_sd), "train_data_dir": "datasets/d"}},
                           headers=AUTH).json()
-        wait_for(lambda: "training" in client.get(f"/api/jobs/{job['id']}/log").json()["text"], "the fake trainer")
+        wait_for(lambda: "training" in client.get(f"/api/jobs/{job['id']}/log", headers=AUTH).json()["text"], "the fake trainer")
         assert client.post(f"/api/jobs/{job['id']}/cancel", headers=AUTH).json()["cancel_requested"] is True
         done = wait_job(client, job["id"])
         assert done["state"] == "cancelled"
-        log = client.get(f"/api/jobs/{job['id']}/log", params={"follow": "true"}).text
+        log = client.get(f"/api/jobs/{job['id']}/log", params={"follow": "true"}, headers=AUTH).text
         assert "stopped by SIGTERM" in log and "cancel requested" in log
 
 
@@ -145,7 +150,7 @@ def test_real_job_cancel_resume_and_download(tmp_path, tiny_sd, image_data, monk
     # each checkpoint takes a second longer, so the cancel surely arrives before the last step on a fast machine
     monkeypatch.setenv("LORA_SCRIPTS_TEST_CHECKPOINT_DELAY", "1")
     home = tmp_path / "home"
-    with make_client(home) as client:
+    with make_client(home, model_roots=[tiny_sd.parent]) as client:
         ds = client.post("/api/datasets", json={"name": "shapes"}, headers=AUTH).json()
         files = [("files", (p.name, p.read_bytes(), "image/png")) for p in sorted(image_data.glob("*.png"))]
         assert client.post(f"/api/datasets/{ds['id']}/files", files=files, headers=AUTH).status_code == 200
@@ -162,7 +167,7 @@ def test_real_job_cancel_resume_and_download(tmp_path, tiny_sd, image_data, monk
         wait_for(lambda: (out / "checkpoints" / "step-2").is_dir(), "the first checkpoint")
         assert client.post(f"/api/jobs/{job_id}/cancel", headers=AUTH).status_code == 200
         job = wait_job(client, job_id)
-        log = client.get(f"/api/jobs/{job_id}/log").json()["text"]
+        log = client.get(f"/api/jobs/{job_id}/log", headers=AUTH).json()["text"]
         assert job["state"] == "cancelled", log[-3000:]
         stopped = [line for line in log.splitlines() if line.startswith("stopped by SIGTERM after step")]
         assert stopped and job["step"] < 8, log[-3000:]
@@ -170,7 +175,7 @@ def test_real_job_cancel_resume_and_download(tmp_path, tiny_sd, image_data, monk
 
         assert client.post(f"/api/jobs/{job_id}/resume", headers=AUTH).json()["state"] == "queued"
         job = wait_job(client, job_id)
-        log = client.get(f"/api/jobs/{job_id}/log").json()["text"]
+        log = client.get(f"/api/jobs/{job_id}/log", headers=AUTH).json()["text"]
         assert job["state"] == "succeeded", log[-3000:]
         assert f"resumed from {out / 'checkpoints' / ('step-%d' % int(stopped[0].split()[5].rstrip(';')))}" in log
         assert job["attempts"] == 2 and job["step"] == 8 and job["loss"] is not None and job["total_steps"] == 8
@@ -178,13 +183,13 @@ def test_real_job_cancel_resume_and_download(tmp_path, tiny_sd, image_data, monk
         assert {"tiny_lora.safetensors", "diffusers/pytorch_lora_weights.safetensors", "logs/loss.csv",
                 "training_summary.json"} <= paths  # the LoRA is named after the job
         assert job["samples"] and all(s["path"].startswith("samples/") for s in job["samples"])
-        res = client.get(f"/api/jobs/{job_id}/artifacts/tiny_lora.safetensors")
+        res = client.get(f"/api/jobs/{job_id}/artifacts/tiny_lora.safetensors", headers=AUTH)
         assert res.status_code == 200
         downloaded = tmp_path / "downloaded.safetensors"
         downloaded.write_bytes(res.content)
         assert_same_tensors(downloaded, out / "tiny_lora.safetensors")
-        assert [row["step"] for row in client.get(f"/api/jobs/{job_id}/loss").json()] == list(range(1, 9))
-        assert client.get(f"/api/jobs/{job_id}/artifacts/../config.yaml").status_code == 404
+        assert [row["step"] for row in client.get(f"/api/jobs/{job_id}/loss", headers=AUTH).json()] == list(range(1, 9))
+        assert client.get(f"/api/jobs/{job_id}/artifacts/../config.yaml", headers=AUTH).status_code == 404
 
     from diffusers import StableDiffusionPipeline
 

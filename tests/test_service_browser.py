@@ -28,7 +28,7 @@ def test_console_upload_label_submit_watch_download(tmp_path, tiny_sd, image_dat
 
     home = tmp_path / "home"
     home.mkdir()
-    server = ServerProcess(home)
+    server = ServerProcess(home, extra=["--model-root", str(tiny_sd.parent)])
     docs = Path(os.environ.get("LORA_SCRIPTS_SCREENSHOT_DIR") or tmp_path / "screenshots")
     docs.mkdir(parents=True, exist_ok=True)
     try:
@@ -38,9 +38,10 @@ def test_console_upload_label_submit_watch_download(tmp_path, tiny_sd, image_dat
             page.set_default_timeout(60_000)
             expect.set_options(timeout=60_000)
 
-            page.goto(server.url + "/")
-            page.fill("header input[name=token]", TOKEN)
-            page.click("header button")
+            page.goto(server.url + "/")  # every page asks to sign in first; the form POSTs the token
+            page.fill("input[name=token]", TOKEN)
+            page.click("button")
+            assert TOKEN not in page.url
             expect(page.locator(".signed")).to_have_text("signed in")
 
             page.fill("#new-dataset input[name=name]", "shapes")
@@ -101,5 +102,47 @@ def test_console_upload_label_submit_watch_download(tmp_path, tiny_sd, image_dat
             info.value.save_as(downloaded)
             browser.close()
         assert_same_tensors(downloaded, home / "jobs" / job_id / "output" / "browser_lora.safetensors")
+    finally:
+        server.stop()
+
+
+def test_console_text_job_from_the_form(tmp_path):
+    """serve --demo: pick the text task in the job form (it shows the text fields, hides the dataset, fills in the
+    demo's tiny LLaMA and instruction set), submit, watch it finish, see the adapter in the downloads."""
+    from playwright.sync_api import expect, sync_playwright
+
+    home = tmp_path / "home"
+    home.mkdir()
+    server = ServerProcess(home, extra=["--demo"])
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(60_000)
+            expect.set_options(timeout=60_000)
+            page.goto(server.url + "/login")
+            page.fill("input[name=token]", TOKEN)
+            page.click("button")
+            expect(page.locator(".signed")).to_have_text("signed in")
+            page.goto(server.url + "/jobs/new")
+            expect(page.locator("#job-form [name=dataset_id]")).to_have_value("demo-shapes")  # the form's own
+            page.select_option("#job-form [name=task]", "text")
+            expect(page.locator("#job-form [name=dataset_id]")).to_be_hidden()
+            expect(page.locator("#job-form [name=resolution]")).to_be_hidden()
+            expect(page.locator("#job-form [name=base_model]")).to_have_value("models/tiny-llama")
+            expect(page.locator("#job-form [name=metadata_path]")).to_have_value("datasets/demo-text/instructions.jsonl")
+            page.fill("#job-form [name=max_train_steps]", "4")
+            page.fill("#job-form [name=save_steps]", "2")
+            page.fill("#job-form [name=name]", "browser text job")
+            expect(page.locator("#valid")).to_have_text("config is valid")
+            page.click("#submit")
+            page.wait_for_url(re.compile(r"/jobs/[0-9a-f]{12}$"))  # not /jobs/new, where it is now
+            job_id = page.url.rsplit("/", 1)[1]
+            expect(page.locator("#state")).to_have_text("succeeded", timeout=400_000)
+            expect(page.locator("#progress-text")).to_contain_text("step 4 of 4")
+            expect(page.locator("#downloads a", has_text="adapter/adapter_model.safetensors")).to_have_count(1)
+            browser.close()
+        job = server.client.get(f"/api/jobs/{job_id}").json()
+        assert job["state"] == "succeeded" and "task: text" in server.client.get(f"/api/jobs/{job_id}/config").text
     finally:
         server.stop()

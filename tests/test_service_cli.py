@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from .helpers import run_cli
-from .service_helpers import AUTH, ServerProcess
+from .service_helpers import AUTH, TOKEN, ServerProcess
 
 pytest.importorskip("fastapi")
 
@@ -31,6 +31,7 @@ def test_serve_demo_prepares_model_dataset_and_form(tmp_path):
         server.stop()
     log = (tmp_path / f"server-{server.port}.log").read_text()
     assert "console: http://localhost:" in log and "/docs" in log
+    assert TOKEN not in log  # never in a log or a URL (it used to be printed in the console's sign-in link)
 
 
 def test_serve_prints_a_new_token_once(tmp_path):
@@ -49,11 +50,30 @@ def test_serve_prints_a_new_token_once(tmp_path):
     (["--db", "mysql://x/y"], "--db: 'mysql://x/y' is not a sqlite:/// or postgresql:// URL"),
     (["--db", "postgresql://nobody@127.0.0.1:1/x"], "--db: cannot use the database"),
     (["--mirror", "/not/s3"], "--mirror: '/not/s3' is not an s3://bucket/prefix URL"),
+    (["--model-root", "/no/such/folder"], "--model-root: /no/such/folder is not a folder"),
 ])
 def test_serve_user_errors_are_one_line(tmp_path, args, message):
     res = run_cli("serve", "--home", str(tmp_path / "home"), *args, timeout=120)
     assert res.returncode == 2
     assert res.stderr.startswith("error: " + message) and res.stderr.count("\n") == 1
+
+
+def test_the_token_is_printed_only_on_a_terminal(tmp_path):
+    from lora_scripts.service.serve import token_line
+
+    path = tmp_path / "token"
+    assert "s3cret" in token_line("s3cret", path, created=True, given=False, terminal=True)
+    piped = token_line("s3cret", path, created=True, given=False, terminal=False)
+    assert "s3cret" not in piped and str(path) in piped
+    assert "s3cret" not in token_line("s3cret", path, created=False, given=True, terminal=True)
+
+
+def test_unwritable_home_is_one_line(tmp_path):
+    """A /data volume the container user cannot write: one line naming the folder and the UID, no traceback."""
+    (tmp_path / "file").write_text("x")
+    res = run_cli("serve", "--home", str(tmp_path / "file" / "home"), timeout=120)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert str(tmp_path / "file" / "home") in res.stderr and f"UID {__import__('os').getuid()}" in res.stderr
 
 
 def test_core_does_not_import_the_service():

@@ -29,7 +29,8 @@ def test_a_lost_hosts_job_resumes_on_the_other_host_to_the_same_lora(tmp_path, t
     reference = start_reference_run(tiny_image_config(tiny_sd, image_data, tmp_path / "reference", **keys),
                                     tmp_path / "reference.yaml")
 
-    hosts = [ServerProcess(shared, extra=["--lease", str(LEASE)]) for _ in range(2)]
+    hosts = [ServerProcess(shared, extra=["--lease", str(LEASE), "--model-root", str(tiny_sd.parent),
+                                             "--model-root", str(image_data)]) for _ in range(2)]
     try:
         job_cfg = tiny_image_config(tiny_sd, image_data, "unused", **keys)
         job_cfg.pop("output_dir")

@@ -38,7 +38,7 @@ def test_500_submissions_20_clients_two_servers(tmp_path, shared_db):
             with httpx.Client(base_url=servers[c % 2].url, timeout=120) as http:
                 for i in range(c, SUBMISSIONS, CLIENTS):
                     res = http.post("/api/jobs", headers=AUTH, json={
-                        "name": f"load-{i}", "config": {"base_model": "m", "train_data_dir": "d"}})
+                        "name": f"load-{i}", "config": {"base_model": "models/m", "train_data_dir": "datasets/d"}})
                     assert res.status_code == 201, res.text
                     ids.append(res.json()["id"])
             return ids

@@ -41,7 +41,7 @@ def test_finished_job_is_mirrored(tmp_path, s3):
     endpoint, client = s3
     with make_client(tmp_path / "home", train_command=WRITE_OUTPUT, mirror_url="s3://loras/team",
                      mirror_options={"endpoint_url": endpoint, "skip_instance_cache": True}) as api:
-        job = api.post("/api/jobs", json={"config": {"base_model": "m", "train_data_dir": "d"}}, headers=AUTH).json()
+        job = api.post("/api/jobs", json={"config": {"base_model": "models/m", "train_data_dir": "datasets/d"}}, headers=AUTH).json()
         assert wait_job(api, job["id"])["state"] == "succeeded"
 
         def listed():

@@ -20,10 +20,11 @@ def test_kill_9_server_mid_job_resumes_to_the_same_lora(tmp_path, tiny_sd, image
     home.mkdir()
     keys = dict(max_train_steps=STEPS, save_steps=2, output_name="lora", batch_size=2)
     # the uninterrupted reference run, alongside the service's run
+    roots = ["--model-root", str(tiny_sd.parent), "--model-root", str(image_data)]  # jobs may read them
     reference = start_reference_run(tiny_image_config(tiny_sd, image_data, tmp_path / "reference", **keys),
                                     tmp_path / "reference.yaml")
 
-    server = ServerProcess(home)
+    server = ServerProcess(home, extra=roots)
     try:
         job_cfg = tiny_image_config(tiny_sd, image_data, "unused", **keys)
         job_cfg.pop("output_dir")
@@ -38,7 +39,7 @@ def test_kill_9_server_mid_job_resumes_to_the_same_lora(tmp_path, tiny_sd, image
         server.proc.wait()
         server.stop()
 
-        server = ServerProcess(home, port=server.port)  # same host:port, so the same worker identity
+        server = ServerProcess(home, port=server.port, extra=roots)  # same host:port, so the same worker identity
         job = wait_job(server.client, job_id, timeout=400)
         log = server.client.get(f"/api/jobs/{job_id}/log").json()["text"]
         assert job["state"] == "succeeded", log[-3000:]

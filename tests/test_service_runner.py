@@ -61,20 +61,20 @@ def test_recovery_never_kills_a_reused_pid(tmp_path):
 def test_metrics_of_a_running_job(tmp_path):
     home = tmp_path / "home"
     with make_client(home, run_jobs=False) as client:
-        job = client.post("/api/jobs", json={"config": {"base_model": "m", "train_data_dir": "d"}}, headers=AUTH).json()
+        job = client.post("/api/jobs", json={"config": {"base_model": "models/m", "train_data_dir": "datasets/d"}}, headers=AUTH).json()
         store = client.app.state.service.store
         assert store.claim_next("w")["id"] == job["id"]
         logs = home / "jobs" / job["id"] / "output" / "logs"
         logs.mkdir(parents=True)
         (logs / "loss.csv").write_text("step,epoch,loss,lr,elapsed_s,eval_loss\n1,1,0.9,0.001,2.00,\n"
                                        "2,1,0.5,0.001,3.50,\n4,1,0.25,0.001,6.50,\n")
-        text = client.get("/metrics").text
+        text = client.get("/metrics", headers=AUTH).text
         assert f'lora_job_step{{job="{job["id"]}"}} 4.0' in text
         assert f'lora_job_loss{{job="{job["id"]}"}} 0.25' in text
         assert f'lora_job_step_seconds{{job="{job["id"]}"}} 1.5' in text
         assert 'lora_jobs{state="running"} 1.0' in text
         store.finish(job["id"], "w", "failed", 1, "boom")
-        text = client.get("/metrics").text
+        text = client.get("/metrics", headers=AUTH).text
         assert "lora_jobs_failed 1.0" in text and "lora_job_loss{" not in text
-        detail = client.get(f"/api/jobs/{job['id']}").json()
+        detail = client.get(f"/api/jobs/{job['id']}", headers=AUTH).json()
         assert detail["error"] == "boom" and detail["step"] == 4 and detail["seconds_per_step"] == 1.5

@@ -1,31 +1,58 @@
 """The FastAPI app: REST API (OpenAPI docs at /docs), web console, health, readiness and Prometheus metrics.
 
-Access: every write needs the token (``Authorization: Bearer <token>``, or the console's cookie together with its
-``X-Console`` header, which a cross-site form cannot send); reads need it too when the server listens on a
-non-loopback address.
+Access: every API call needs the token (``Authorization: Bearer <token>``, or the console's cookie), reads too, on any
+bind address: a local process or a web page must not read jobs, logs or outputs. Writes with the cookie also need
+the console's ``X-Console`` header, which a cross-site form cannot send. Only ``/healthz``, ``/readyz``, the sign-in
+page and the static files are open. Every request's ``Host`` must be this server's (:mod:`.guards`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Form, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel
 
+from ..errors import ConfigError
+from .guards import AllowedHosts, HostCheckMiddleware
 from .runner import Runner, job_dir
-from .security import UploadLimits, is_loopback, load_or_create_token, token_matches
+from .security import UploadLimits, load_or_create_token, token_matches
 from .store import JobStore
 
 CONSOLE_DIR = Path(__file__).parent / "console"
 COOKIE = "lora_token"
+
+
+class Problem(BaseModel):
+    """An error: ``detail`` is one message, or a list of {loc, msg, type} (one per field)."""
+
+    detail: Any
+
+
+# the error answers every API route may give, documented in the OpenAPI (the fuzz test holds the server to them)
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "Host header not served here (DNS rebinding guard), or a bad request"},
+    401: {"model": Problem, "description": "No token: send `Authorization: Bearer <token>`"},
+    403: {"model": Problem, "description": "Wrong token"},
+    404: {"model": Problem, "description": "No such job, dataset or file"},
+    409: {"model": Problem, "description": "The job is not in a state that allows this"},
+    413: {"model": Problem, "description": "The request body or an uploaded file is too large"},
+    415: {"model": Problem, "description": "An uploaded file is not of an accepted type"},
+    422: {"model": Problem, "description": "Invalid input; `detail` lists every problem with its field"},
+    429: {"model": Problem, "description": "Too many log streams open with this token"},
+    507: {"model": Problem, "description": "The server's disk is full"},
+}
 
 
 @dataclass
@@ -49,15 +76,30 @@ class ServiceSettings:
     form_defaults: dict[str, Any] = field(default_factory=dict)  # pre-filled job form (the demo sets it)
     runner: str = "local"  # local: subprocesses here; kubernetes: one batch/v1 Job per job (k8s_runner.py)
     k8s_options: dict[str, Any] = field(default_factory=dict)  # KubernetesRunner keywords (namespace, image...)
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names served besides localhost and the bind address
+    model_roots: list[Path] = field(default_factory=list)  # folders jobs may read besides <home>/datasets and models
+    max_streams: int = 8  # concurrent log streams (follow=true) per token
 
     def resolved(self) -> "ServiceSettings":
         """Fill in the defaults that depend on the environment and the home folder."""
         self.home = Path(self.home).expanduser().resolve()
         for sub in ("", "jobs", "datasets", "models"):
-            (self.home / sub).mkdir(parents=True, exist_ok=True)
+            try:
+                (self.home / sub).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(home_unwritable(self.home / sub, exc)) from None
+        self.model_roots = [Path(p).expanduser().resolve() for p in self.model_roots]
         self.db_url = self.db_url or os.environ.get("LORA_SCRIPTS_DB") or f"sqlite:///{self.home / 'service.db'}"
         self.worker = self.worker or os.environ.get("LORA_SCRIPTS_WORKER_ID") or f"{socket.gethostname()}:{self.port}"
         return self
+
+
+def home_unwritable(folder: Path, exc: OSError) -> str:
+    """One line for a home the server cannot write (a volume owned by another user, a full disk)."""
+    if exc.errno == errno.ENOSPC:
+        return f"--home: cannot create {folder}: the disk is full; free space or choose another --home"
+    return (f"--home: cannot create {folder} ({exc.strerror or exc}); the server runs as UID {os.getuid()}: let it "
+            f"write there (e.g. chown -R {os.getuid()} {folder.parent}) or choose another --home")
 
 
 class Service:
@@ -70,7 +112,9 @@ class Service:
         self.store.migrate()
         self.token, self.token_created = load_or_create_token(
             self.home, self.settings.token or os.environ.get("LORA_SCRIPTS_TOKEN"))
-        self.reads_need_token = not is_loopback(self.settings.host)
+        self.allowed_hosts = AllowedHosts(self.settings.host, self.settings.allowed_hosts)
+        self.streams: dict[str, int] = {}  # token -> open log streams
+        self._streams_lock = threading.Lock()
         self.mirror = None
         if self.settings.mirror_url:
             from .mirror import Mirror
@@ -93,6 +137,23 @@ class Service:
     def _after_job(self, job: dict[str, Any]) -> None:
         if self.mirror is not None and job["state"] == "succeeded":
             self.mirror.upload_job(job["id"], self.output_dir(job["id"]))
+
+    def read_roots(self) -> list[Path]:
+        """Folders a job's input paths may lie in: the home's datasets and models, and ``--model-root`` folders."""
+        return [self.home / "datasets", self.home / "models", *self.settings.model_roots]
+
+    def open_stream(self, token: str) -> bool:
+        """Count one more log stream of ``token``; False (nothing counted) when it already has ``max_streams``."""
+        with self._streams_lock:
+            if self.streams.get(token, 0) >= self.settings.max_streams:
+                return False
+            self.streams[token] = self.streams.get(token, 0) + 1
+            return True
+
+    def close_stream(self, token: str) -> None:
+        """A log stream of ``token`` ended."""
+        with self._streams_lock:
+            self.streams[token] = max(0, self.streams.get(token, 0) - 1)
 
     def job_or_404(self, job_id: str) -> dict[str, Any]:
         """The job, or an HTTP 404 for the API and the console pages alike."""
@@ -134,7 +195,7 @@ def _given_token(request: Request, for_write: bool) -> str | None:
     return None
 
 
-def _check(request: Request, for_write: bool) -> None:
+def _check(request: Request, for_write: bool) -> str:
     svc: Service = request.app.state.service
     given = _given_token(request, for_write)
     if given is None:
@@ -142,17 +203,17 @@ def _check(request: Request, for_write: bool) -> None:
                             "server started, saved in <home>/token)", headers={"WWW-Authenticate": "Bearer"})
     if not token_matches(svc.token, given):
         raise HTTPException(403, "the token is wrong")
+    return given
 
 
-def require_write(request: Request) -> None:
-    """Dependency: the token, always."""
-    _check(request, for_write=True)
+def require_write(request: Request) -> str:
+    """Dependency: the token (a cookie only with the console's header); returns it."""
+    return _check(request, for_write=True)
 
 
-def require_read(request: Request) -> None:
-    """Dependency: the token when the server listens on a non-loopback address."""
-    if request.app.state.service.reads_need_token:
-        _check(request, for_write=False)
+def require_read(request: Request) -> str:
+    """Dependency: the token (header or the console's cookie), on every bind address; returns it."""
+    return _check(request, for_write=False)
 
 
 def get_service(request: Request) -> Service:
@@ -175,13 +236,30 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                 service.runner.stop()
             service.store.dispose()
 
-    app = FastAPI(title="lora-scripts service", version=_version(), lifespan=lifespan,
-                  description="Submit LoRA training jobs, watch them, download the results.")
+    # the largest upload (all files, multipart overhead included) bounds every body; FastAPI refuses a larger
+    # Content-Length before reading and stops a body that streams past it, before anything is spooled to disk
+    max_body = service.settings.limits.max_total_bytes + 2**20
+    app = FastAPI(title="lora-scripts service", version=_version(), lifespan=lifespan, max_body_size=max_body,
+                  description="Submit LoRA training jobs, watch them, download the results. Every /api call and "
+                  "/metrics needs the token: `Authorization: Bearer <token>`.")
     app.state.service = service
     from .metrics import HttpMetrics, HttpMetricsMiddleware
 
     app.state.http_metrics = HttpMetrics()
-    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.http_metrics)  # request count and latency per route
+    app.add_middleware(HostCheckMiddleware, allowed=service.allowed_hosts)
+    # outermost, so refused hosts and oversize bodies are counted too
+    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.http_metrics)
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        # what a client's input can make the file system refuse; anything else stays a bug (a 500 with a traceback)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return JSONResponse({"detail": "the server's disk is full; try again after space is freed"},
+                                status_code=507)
+        if exc.errno == errno.ENAMETOOLONG:
+            return JSONResponse({"detail": [{"loc": ["body"], "msg": "a name or path in the request is too long for "
+                                             "the file system", "type": "name_too_long"}]}, status_code=422)
+        raise exc
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -203,17 +281,25 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @app.get("/readyz", tags=["ops"])
     def readyz(svc: Service = Depends(get_service)) -> JSONResponse:
-        """The database answers and the runner (if this server runs jobs) is alive."""
+        """The database takes writes, the home is writable and the runner (if this server runs jobs) is alive."""
         problems = []
         try:
-            svc.store.ping()
+            svc.store.check_writable()
         except Exception as exc:  # any driver error means not ready
             problems.append(f"database: {type(exc).__name__}")
+        try:
+            probe_home(svc.home)
+        except OSError as exc:
+            problems.append(f"home: {exc.strerror or type(exc).__name__}")
         if svc.runner is not None and not svc.runner.alive:
             problems.append("runner: not running")
+        if getattr(svc.runner, "store_error", None):
+            problems.append(f"runner: {svc.runner.store_error}")
         return JSONResponse({"ready": not problems, "problems": problems}, status_code=503 if problems else 200)
 
-    @app.get("/metrics", tags=["ops"], dependencies=[Depends(require_read)])
+    @app.get("/metrics", tags=["ops"], dependencies=[Depends(require_read)],
+             responses={**ERROR_RESPONSES, 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                                 "description": "Prometheus text exposition"}})
     def metrics(request: Request, svc: Service = Depends(get_service)) -> Response:
         """Prometheus metrics."""
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -226,15 +312,17 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     # --- console ------------------------------------------------------------------------------------------------
     def page(request: Request, name: str, **context: Any) -> HTMLResponse:
         svc: Service = request.app.state.service
-        if svc.reads_need_token and not token_matches(svc.token, request.cookies.get(COOKIE)):
+        if not token_matches(svc.token, _given_token(request, for_write=False)):
             return templates.TemplateResponse(request, "login.html", {"error": None}, status_code=401)
-        signed_in = token_matches(svc.token, request.cookies.get(COOKIE))
-        return templates.TemplateResponse(request, name, {"logged_in": signed_in, **context})
+        return templates.TemplateResponse(request, name, {"logged_in": True, **context})
 
     @app.get("/login", include_in_schema=False)
-    def login_page(request: Request, token: str | None = None) -> Response:
-        if token is None:
-            return templates.TemplateResponse(request, "login.html", {"error": None})
+    def login_page(request: Request) -> Response:
+        return templates.TemplateResponse(request, "login.html", {"error": None})
+
+    @app.post("/login", include_in_schema=False)
+    def login(request: Request, token: str = Form("")) -> Response:
+        # a POSTed form: the token never lands in a URL, the browser history or an access log
         if not token_matches(request.app.state.service.token, token):
             return templates.TemplateResponse(request, "login.html", {"error": "That token is wrong."}, status_code=403)
         response = RedirectResponse("/", status_code=303)
@@ -252,7 +340,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     @app.get("/jobs/new", response_class=HTMLResponse, include_in_schema=False)
     def new_job_page(request: Request, dataset: str | None = None) -> HTMLResponse:
         svc: Service = request.app.state.service
-        return page(request, "job_new.html", datasets=svc.store.list_datasets(), selected=dataset,
+        # the dataset asked for, else the one the pre-filled form is about (the demo's), else none: never silently
+        # the newest, which may not be the one the form's other fields were written for
+        selected = dataset or svc.settings.form_defaults.get("dataset_id")
+        return page(request, "job_new.html", datasets=svc.store.list_datasets(), selected=selected,
                     defaults=svc.settings.form_defaults)
 
     @app.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
@@ -260,6 +351,18 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return page(request, "job.html", job=request.app.state.service.job_or_404(job_id))
 
     return app
+
+
+def probe_home(home: Path) -> None:
+    """Write, fsync and remove a small file in the home; raises OSError when the home is read-only or full."""
+    probe = home / f".ready-{os.getpid()}"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"ok")
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _version() -> str:

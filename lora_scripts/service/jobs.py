@@ -1,8 +1,9 @@
 """Turning a submitted job (form fields and/or YAML) into a validated config, with every error per field.
 
 The schema is the trainer's own :class:`~lora_scripts.config.TrainConfig`, so the service accepts exactly what
-``lora-scripts train`` accepts. The service adds a path policy: outputs (``output_dir``, ``cache_dir``) stay inside
-``<home>/jobs``; ``resume`` is the service's business; relative input paths are relative to the home.
+``lora-scripts train`` accepts. The service adds the path policy of :mod:`.job_paths` (its own ``output_dir`` per
+job; inputs only from the home's datasets and models or ``--model-root``), checked before any file is read;
+``resume`` is the service's business.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import yaml
 from pydantic import ValidationError
 
 from ..config import TrainConfig, _field_names, _section_model, _suggest
-from .security import SAFE_NAME, is_inside
+from .job_paths import confine_paths
+from .security import SAFE_NAME
 
-READ_PATH_KEYS = ("train_data_dir", "metadata_path", "network_weights", "val_data", "base_model_config")
-WRITE_PATH_KEYS = ("output_dir", "cache_dir")
 SERVICE_KEYS = ("resume",)
 
 
@@ -72,11 +72,12 @@ def output_name_for(job_name: str | None) -> str:
 
 def build_job_config(
     home: Path, job_dir: Path, config_yaml: str | None, fields: dict[str, Any] | None, dataset_dir: Path | None,
-    job_name: str | None = None,
+    job_name: str | None = None, read_roots: list[Path] | None = None,
 ) -> TrainConfig:
     """Validate a submission: YAML first, form ``fields`` on top, the dataset's folders unless given, the path
-    policy, then the trainer's schema. Raises :class:`JobConfigError` listing every problem found. The LoRA file
-    is named after the job unless ``output_name`` is set."""
+    policy (inputs inside ``read_roots``, default the home's datasets and models), then the trainer's schema.
+    Raises :class:`JobConfigError` listing every problem found. The LoRA file is named after the job unless
+    ``output_name`` is set."""
     data = parse_yaml(config_yaml or "")
     data.update({k: v for k, v in (fields or {}).items() if v is not None and v != ""})
     data.setdefault("output_name", output_name_for(job_name))
@@ -89,29 +90,7 @@ def build_job_config(
     if dataset_dir is not None:
         data.setdefault("train_data_dir", str(dataset_dir))
         data.setdefault("metadata_path", str(dataset_dir / "metadata.csv"))
-    for key in READ_PATH_KEYS:
-        if isinstance(data.get(key), str) and not Path(data[key]).expanduser().is_absolute():
-            data[key] = str(home / data[key])
-    base = data.get("base_model")
-    if isinstance(base, str) and base and not Path(base).is_absolute() and (home / base).exists():
-        data["base_model"] = str(home / base)
-    jobs_root = home / "jobs"
-    for key in WRITE_PATH_KEYS:
-        value = data.get(key)
-        if key == "output_dir" and value in (None, ""):
-            value = "output"
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            errors.append(_error(["config", key], "must be a path (text)"))
-            continue
-        path = Path(value).expanduser()
-        path = path if path.is_absolute() else job_dir / path
-        if not is_inside(path, jobs_root) or path.resolve() == jobs_root.resolve():
-            errors.append(_error(["config", key], f"must lie inside the service's job folder {jobs_root} (a relative "
-                                 f"path is relative to this job's folder); got {value!r}"))
-            continue
-        data[key] = str(path.resolve())
+    errors += confine_paths(data, home, job_dir, read_roots or [home / "datasets", home / "models"])
     name = data.get("output_name")
     if name is not None and not (isinstance(name, str) and SAFE_NAME.match(name) and ".." not in name):
         # the trainer writes <output_dir>/<output_name>.safetensors: a separator or '..' would leave the folder
@@ -121,7 +100,8 @@ def build_job_config(
     try:
         cfg = TrainConfig.model_validate(data)
     except ValidationError as err:
-        errors.extend(_pydantic_errors(err))
+        seen = {tuple(e["loc"]) for e in errors}  # a refused path is reported once, by the policy
+        errors.extend(e for e in _pydantic_errors(err) if tuple(e["loc"]) not in seen)
         raise JobConfigError(errors) from None
     if errors:
         raise JobConfigError(errors)

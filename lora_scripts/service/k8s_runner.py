@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from .runner import PollingLoop, job_dir
+from .runner import PollingLoop, job_dir, sanitise_error
 from .security import is_inside
 from .store import JobStore
 
@@ -171,10 +171,10 @@ def _condition(k8s_job: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _error_line(text: str | None) -> str | None:
-    """The trainer's last one-line ``error: ...`` in ``text``."""
+    """The trainer's last one-line ``error: ...`` in ``text``, sanitised (it may quote a data file)."""
     for line in reversed((text or "").splitlines()):
         if line.startswith("error: "):
-            return line[len("error: "):]
+            return sanitise_error(line[len("error: "):])
     return None
 
 

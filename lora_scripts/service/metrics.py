@@ -131,6 +131,15 @@ class HttpMetrics:
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
 
 
+# the methods a client can send are unbounded text; only these become label values, every other one is "other"
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """``method`` if it is a standard HTTP method, else ``other`` (keeps the number of series bounded)."""
+    return method if method in HTTP_METHODS else "other"
+
+
 def route_template(scope: dict[str, Any]) -> str:
     """The template of the route that answered (``/jobs/{job_id}``, ``/static/{path}``), else ``unmatched``."""
     route = scope.get("route")  # set on the request's scope by the router for FastAPI's own routes
@@ -168,7 +177,7 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            method, route = scope["method"], route_template(scope)
+            method, route = method_label(scope["method"]), route_template(scope)
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.duration.labels(method, route).observe(time.perf_counter() - start)
 

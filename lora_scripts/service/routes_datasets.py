@@ -14,10 +14,11 @@ from pydantic import BaseModel, Field
 
 from ..data.label import IMAGE_EXTENSIONS, read_existing_rows, write_metadata
 from ..errors import UserError
-from .app import Service, get_service, require_read, require_write
+from .app import ERROR_RESPONSES, Service, get_service, require_read, require_write
+from .job_paths import inside_roots, resolve_under, too_long
 from .security import UploadRefused, check_folder, check_type, extract_zip, read_limited, safe_filename, write_new_file
 
-router = APIRouter(prefix="/api/datasets", tags=["datasets"])
+router = APIRouter(prefix="/api/datasets", tags=["datasets"], responses=ERROR_RESPONSES)
 
 
 class DatasetIn(BaseModel):
@@ -62,9 +63,28 @@ def describe(svc: Service, dataset_id: str) -> dict[str, Any]:
         captions = {}
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS) \
         if folder.is_dir() else []
+    sidecars = {n: _sidecar(folder, n) for n in names if n not in captions}
+    sidecars = {n: c for n, c in sidecars.items() if c}
+    if not (folder / "metadata.csv").exists():
+        captions = sidecars  # what the trainer reads then (caption_source auto falls back to the sidecars)
+        sidecars = {}
     images = [{"name": n, "caption": captions.get(n), "url": f"/api/datasets/{dataset_id}/files/{n}"} for n in names]
     return {**ds, "path": str(folder), "images": images, "count": len(images),
-            "captioned": sum(1 for i in images if i["caption"])}
+            "captioned": sum(1 for i in images if i["caption"]),
+            # images whose only caption is a sidecar while metadata.csv exists: training ignores it until merged
+            "sidecar_only": len(sidecars)}
+
+
+def _sidecar(folder: Path, image: str) -> str | None:
+    """The caption in ``<stem>.txt`` or ``<stem>.caption`` beside an image, if any."""
+    for suffix in (".txt", ".caption"):
+        path = folder / (Path(image).stem + suffix)
+        if path.is_file() and not path.is_symlink():
+            try:
+                return " ".join(path.read_text(encoding="utf-8").split())[:1000] or None
+            except (OSError, UnicodeDecodeError):
+                return None
+    return None
 
 
 @router.post("", status_code=201, dependencies=[Depends(require_write)])
@@ -114,7 +134,10 @@ def upload(dataset_id: str, files: list[UploadFile] = File(...), svc: Service = 
     return {"written": sorted(p.name for p in written), "dataset": describe(svc, dataset_id)}
 
 
-@router.get("/{dataset_id}/files/{name}", dependencies=[Depends(require_read)])
+@router.get("/{dataset_id}/files/{name}", dependencies=[Depends(require_read)],
+            responses={200: {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}},
+                                         "text/plain": {"schema": {"type": "string"}}},
+                             "description": "The file"}})
 def get_file(dataset_id: str, name: str, svc: Service = Depends(get_service)) -> FileResponse:
     """One file of the dataset (thumbnails in the console)."""
     folder = _dataset(svc, dataset_id)
@@ -133,7 +156,7 @@ def edit_captions(dataset_id: str, body: CaptionsIn, svc: Service = Depends(get_
     folder = _dataset(svc, dataset_id)
     errors = []
     for name in body.captions:
-        if not (folder / name).is_file() or Path(name).name != name:
+        if too_long(name) or Path(name).name != name or not (folder / name).is_file():
             errors.append({"loc": ["body", "captions", name], "msg": f"no image {name!r} in this dataset",
                            "type": "value_error"})
     if errors:
@@ -157,9 +180,17 @@ def auto_label(dataset_id: str, body: LabelIn, svc: Service = Depends(get_servic
     """Run ``lora-scripts label`` on the dataset (a subprocess, arguments as a list: no shell)."""
     folder = _dataset(svc, dataset_id)
     argv = [sys.executable, "-m", "lora_scripts.cli", "label", f"--input={folder}", f"--backend={body.backend}"]
+    if body.backend in ("caption", "tagger") and not body.model:
+        # the labeller would otherwise try the hub for its default model, and fail only after a long wait
+        raise HTTPException(422, [{"loc": ["body", "model"], "msg": f"the {body.backend} back-end needs a model "
+                                   "folder: put one under <home>/models and give its path (e.g. models/blip)",
+                                   "type": "missing"}])
     if body.model:
-        model = Path(body.model) if Path(body.model).is_absolute() else svc.home / body.model
-        argv.append(f"--model={model if model.exists() else body.model}")
+        model = None if too_long(body.model) else resolve_under(body.model, svc.home)
+        if model is None or not inside_roots(model, [r.resolve() for r in svc.read_roots()]):
+            raise HTTPException(422, [{"loc": ["body", "model"], "msg": f"{body.model[:100]!r} is not inside the "
+                                       "home's models folder or a --model-root", "type": "path_refused"}])
+        argv.append(f"--model={model}")
     if body.trigger:
         argv.append(f"--trigger={body.trigger}")  # KEY=VALUE form: a value starting with '-' stays a value
     if body.overwrite:

@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import shutil
-import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import yaml
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
-from .app import Service, get_service, require_read, require_write
+from .app import ERROR_RESPONSES, Service, get_service, require_read, require_write
 from .jobs import JobConfigError, build_job_config, dump_job_config
 from .metrics import read_loss_csv
 from .runner import job_dir
 from .security import is_inside
 from .store import FINAL_STATES
 
-router = APIRouter(prefix="/api/jobs", tags=["jobs"])
+router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+FOLLOW_POLL_SECONDS = 0.5
 
 
 class JobIn(BaseModel):
@@ -41,7 +44,7 @@ def _validate(svc: Service, body: JobIn, job_id: str):
         raise JobConfigError([{"loc": ["config"], "msg": "give config (form fields) or config_yaml",
                                "type": "missing"}])
     return build_job_config(svc.home, job_dir(svc.home, job_id), body.config_yaml, body.config, dataset_dir,
-                            job_name=body.name)
+                            job_name=body.name, read_roots=svc.read_roots())
 
 
 def _config_errors(exc: JobConfigError) -> JSONResponse:
@@ -125,7 +128,8 @@ def get_job(job_id: str, svc: Service = Depends(get_service)) -> dict[str, Any]:
     return describe(svc, svc.job_or_404(job_id))
 
 
-@router.get("/{job_id}/config", dependencies=[Depends(require_read)])
+@router.get("/{job_id}/config", dependencies=[Depends(require_read)],
+            responses={200: {"content": {"text/yaml": {"schema": {"type": "string"}}}, "description": "YAML"}})
 def get_config(job_id: str, svc: Service = Depends(get_service)) -> PlainTextResponse:
     """The resolved YAML config the trainer runs with."""
     return PlainTextResponse(svc.job_or_404(job_id)["config_yaml"], media_type="text/yaml")
@@ -157,37 +161,65 @@ def get_loss(job_id: str, svc: Service = Depends(get_service)) -> list[dict[str,
     return read_loss_csv(out / "logs" / "loss.csv") if out else []
 
 
-@router.get("/{job_id}/log", dependencies=[Depends(require_read)])
-def get_log(job_id: str, offset: int = 0, follow: bool = False, svc: Service = Depends(get_service)) -> Any:
+def _read_from(path: Path, position: int, size: int = 1_000_000) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(position)
+            return fh.read(size)
+    except FileNotFoundError:
+        return b""
+
+
+class _CountedStream(StreamingResponse):
+    """A log stream that gives its place back when it ends, however it ends (done, client gone, server stopping),
+    even if its body never started."""
+
+    def __init__(self, content: AsyncIterator[bytes], release: Any) -> None:
+        super().__init__(content, media_type="text/plain; charset=utf-8")
+        self._release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+@router.get("/{job_id}/log", responses={200: {"description": "JSON {text, offset}; with follow=true a text stream",
+                                               "content": {"application/json": {"schema": {"type": "object"}},
+                                                           "text/plain": {"schema": {"type": "string"}}}}})
+async def get_log(job_id: str, offset: int = Query(0, ge=0), follow: bool = False,
+                  token: str = Depends(require_read), svc: Service = Depends(get_service)) -> Any:
     """The trainer's log from byte ``offset``: JSON {text, offset} to poll, or with ``follow=true`` a plain-text
-    stream that ends when the job does."""
-    svc.job_or_404(job_id)
+    stream that ends when the job does (at most a few per token at once: 429 beyond)."""
+    await run_in_threadpool(svc.job_or_404, job_id)
     path = job_dir(svc.home, job_id) / "train.log"
     if not follow:
-        data = b""
-        if path.is_file():
-            with open(path, "rb") as fh:
-                fh.seek(max(offset, 0))
-                data = fh.read(1_000_000)
-        return {"text": data.decode("utf-8", errors="replace"), "offset": max(offset, 0) + len(data)}
+        data = await run_in_threadpool(_read_from, path, offset)
+        return {"text": data.decode("utf-8", errors="replace"), "offset": offset + len(data)}
+    if not svc.open_stream(token):
+        raise HTTPException(429, f"at most {svc.settings.max_streams} log streams per token at once; close one or "
+                            "poll without follow=true", headers={"Retry-After": "5"})
 
-    def stream():
-        position = max(offset, 0)
+    async def stream() -> AsyncIterator[bytes]:
+        # an async generator: between polls it awaits a sleep, so a follower holds no worker thread (the file and
+        # the store are read in the thread pool, a few milliseconds each) and server shutdown can cancel it
+        position = offset
         while True:
-            chunk = b""
-            if path.is_file():
-                with open(path, "rb") as fh:
-                    fh.seek(position)
-                    chunk = fh.read(1_000_000)
+            chunk = await run_in_threadpool(_read_from, path, position)
             position += len(chunk)
             if chunk:
                 yield chunk
-            elif svc.store.get_job(job_id)["state"] in FINAL_STATES:
+                continue
+            job = await run_in_threadpool(svc.store.get_job, job_id)
+            if job is None or job["state"] in FINAL_STATES:
+                rest = await run_in_threadpool(_read_from, path, position)  # written just before it ended
+                if rest:
+                    yield rest
                 return
-            else:
-                time.sleep(0.5)
+            await anyio.sleep(FOLLOW_POLL_SECONDS)
 
-    return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
+    return _CountedStream(stream(), lambda: svc.close_stream(token))
 
 
 @router.get("/{job_id}/artifacts", dependencies=[Depends(require_read)])
@@ -198,7 +230,10 @@ def list_artifacts(job_id: str, svc: Service = Depends(get_service)) -> list[dic
     return _artifacts(out) if out else []
 
 
-@router.get("/{job_id}/artifacts/{path:path}", dependencies=[Depends(require_read)])
+@router.get("/{job_id}/artifacts/{path:path}", dependencies=[Depends(require_read)],
+            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                 "format": "binary"}}},
+                             "description": "The file"}})
 def download(job_id: str, path: str, svc: Service = Depends(get_service)) -> FileResponse:
     """Download one file of the job's output folder."""
     svc.job_or_404(job_id)

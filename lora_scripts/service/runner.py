@@ -136,6 +136,7 @@ class _Running:
     log: Any
     terminated: bool = False
     started: float = field(default_factory=time.monotonic)
+    result: tuple[str, int, str | None] | None = None  # (state, exit code, error) once it exited, until stored
 
 
 class Runner(PollingLoop):
@@ -155,6 +156,9 @@ class Runner(PollingLoop):
         self.poll_seconds = poll_seconds
         self.on_finish = on_finish
         self.running: dict[str, _Running] = {}
+        # the last failed write of a job result / of a heartbeat, until one succeeds (readiness reports them)
+        self._result_error: str | None = None
+        self._beat_error: str | None = None
         self._init_loop()
         self.started_jobs = 0
         # host failure: our beats, and what we saw of the others' (worker -> (beats, monotonic time it last changed))
@@ -164,6 +168,15 @@ class Runner(PollingLoop):
         self._beat_thread: threading.Thread | None = None
         self._seen: dict[str, tuple[int, float]] = {}
         self._last_watch = 0.0
+
+    @property
+    def store_error(self) -> str | None:
+        """Why the store does not take this runner's writes now (a job result or a heartbeat failed), else None."""
+        if self._result_error:
+            return f"a job result could not be stored ({self._result_error}); retrying"
+        if self._beat_error:
+            return f"heartbeat failed ({self._beat_error})"
+        return None
 
     # --- life cycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -187,7 +200,9 @@ class Runner(PollingLoop):
                 self._signal(run, signal.SIGKILL)
                 run.proc.wait()
             run.log.close()
-            if self.store.get_job(run.job_id)["cancel_requested"]:
+            if run.result is not None:  # it had finished; its result was not stored yet
+                self.store.finish(run.job_id, self.worker, *run.result)
+            elif self.store.get_job(run.job_id)["cancel_requested"]:
                 self.store.finish(run.job_id, self.worker, "cancelled", run.proc.returncode)
             else:
                 self.store.requeue(run.job_id, self.worker)
@@ -276,19 +291,32 @@ class Runner(PollingLoop):
         self.started_jobs += 1
 
     def _reap(self) -> None:
+        """Record the end of every trainer that exited. A job stays ours (and its slot taken) until its result is
+        in the store: a failed write (a full disk, the database away) is retried on the next round, so a finished
+        job is never left ``running``."""
         for job_id, run in list(self.running.items()):
-            code = run.proc.poll()
-            if code is None:
+            if run.result is None:
+                code = run.proc.poll()
+                if code is None:
+                    continue
+                run.log.close()
+                if run.terminated:
+                    run.result = ("cancelled", code, None)
+                elif code == 0:
+                    run.result = ("succeeded", code, None)
+                else:
+                    run.result = ("failed", code, self._last_error(job_id, code))
+            state, code, error = run.result
+            try:
+                stored = self.store.finish(job_id, self.worker, state, code, error)
+            except Exception as exc:  # noqa: BLE001 - kept, retried next round
+                self._result_error = f"{type(exc).__name__}"
+                print(f"{self.thread_name}: could not store the result of job {job_id} ({type(exc).__name__}: "
+                      f"{exc}); retrying", file=sys.stderr)
                 continue
-            run.log.close()
+            self._result_error = None
             del self.running[job_id]
-            if run.terminated:
-                state, error = "cancelled", None
-            elif code == 0:
-                state, error = "succeeded", None
-            else:
-                state, error = "failed", self._last_error(job_id, code)
-            if self.store.finish(job_id, self.worker, state, code, error) and self.on_finish is not None:
+            if stored and self.on_finish is not None:
                 try:
                     self.on_finish(self.store.get_job(job_id))
                 except Exception as exc:  # e.g. the S3 mirror is down: the job itself is done
@@ -299,7 +327,9 @@ class Runner(PollingLoop):
         while not self._beating.wait(self.beat_seconds):
             try:
                 self.store.heartbeat(self.worker)
+                self._beat_error = None
             except Exception as exc:  # the database is away: keep trying; others may take our jobs meanwhile
+                self._beat_error = type(exc).__name__
                 print(f"runner heartbeat: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     def _watch_workers(self) -> None:
@@ -345,15 +375,41 @@ class Runner(PollingLoop):
                 fh.write(line + "\n")
 
     def _last_error(self, job_id: str, code: int) -> str:
-        """The trainer's one-line ``error: ...`` if it printed one, else the exit code."""
-        try:
-            lines = (job_dir(self.home, job_id) / "train.log").read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            lines = []
-        for line in reversed(lines[-50:]):
-            if line.startswith("error: "):
-                return line[len("error: "):]
-        return f"the trainer exited with code {code}; see the log"
+        """The trainer's one-line ``error: ...`` if it printed one (sanitised: it may quote a data file), a full
+        disk said so, else the exit code."""
+        return trainer_error(job_dir(self.home, job_id) / "train.log", code)
+
+
+def trainer_error(log: Path, code: int | None) -> str:
+    """The reason a trainer failed, in one short line, from the tail of its log."""
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - 64_000))
+            lines = fh.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        lines = []
+    tail = lines[-50:]
+    if any("No space left on device" in line or "ENOSPC" in line for line in tail):
+        return "the disk is full (No space left on device); free space, then resume the job"
+    for line in reversed(tail):
+        if line.startswith("error: "):
+            return sanitise_error(line[len("error: "):])
+    return f"the trainer exited with code {code}; see the log"
+
+
+def sanitise_error(text: str, max_quote: int = 40, max_len: int = 300) -> str:
+    """A trainer's error line fit to show anyone who can read the job: printable characters only, each quoted
+    excerpt (of a data file, a caption) cut to ``max_quote`` characters, the whole to ``max_len``."""
+    import re
+
+    text = "".join(c if c.isprintable() else " " for c in text)
+
+    def cut(match: re.Match) -> str:
+        quote, body = match.group(1), match.group(2)
+        return f"{quote}{body[:max_quote]}…{quote}" if len(body) > max_quote else match.group(0)
+
+    text = re.sub(r"(['\"])(.*?)\1", cut, text)
+    return text if len(text) <= max_len else text[:max_len - 1] + "…"
 
 
 def _killpg(pgid: int, sig: int) -> None:

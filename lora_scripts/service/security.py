@@ -11,17 +11,23 @@ from __future__ import annotations
 import hmac
 import io
 import ipaddress
+import lzma
 import os
 import re
 import secrets
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 IMAGE_TYPES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
 TEXT_TYPES = (".txt", ".caption")
+ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+# what reading a damaged member can raise: a bad CRC or header (BadZipFile), a truncated or corrupt stream
+ZIP_READ_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError, ValueError,
+                   NotImplementedError, RuntimeError)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$")
 
 
@@ -168,6 +174,11 @@ def _zip_entries(archive: zipfile.ZipFile, limits: UploadLimits, zip_name: str) 
             raise UploadRefused(f"{zip_name}: entry {name!r} points outside the dataset folder (path traversal)")
         if info.is_dir():
             continue
+        if info.flag_bits & 0x1:
+            raise UploadRefused(f"{zip_name}: entry {name!r} is encrypted; upload a zip without a password", 415)
+        if info.compress_type not in ZIP_METHODS:
+            raise UploadRefused(f"{zip_name}: entry {name!r} uses compression method {info.compress_type}, which is "
+                                "not supported; make the zip with deflate (the default of most tools)", 415)
         if "/" in name or "\\" in name:
             raise UploadRefused(f"{zip_name}: entry {name!r} is in a sub-folder; put the files at the top of the zip")
         if info.file_size > limits.max_file_bytes:
@@ -188,14 +199,18 @@ def extract_zip(data: bytes, folder: Path, limits: UploadLimits, zip_name: str) 
     can lie) into ``folder``."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError):
         raise UploadRefused(f"{zip_name}: not a readable zip file", status=415) from None
     with archive:
         entries = _zip_entries(archive, limits, zip_name)
         contents = []
         for info in entries:
-            with archive.open(info) as member:
-                body = read_limited(member, limits.max_file_bytes, f"{zip_name}:{info.filename}")
+            try:
+                with archive.open(info) as member:
+                    body = read_limited(member, limits.max_file_bytes, f"{zip_name}:{info.filename}")
+            except ZIP_READ_ERRORS as exc:  # a CRC mismatch, a truncated or corrupt stream
+                raise UploadRefused(f"{zip_name}: entry {info.filename!r} is damaged ({type(exc).__name__}: "
+                                    f"{str(exc)[:80]}); make the zip again", status=422) from None
             check_type(info.filename, body)
             contents.append((info.filename, body))
     return [write_new_file(folder, name, body) for name, body in contents]

@@ -151,6 +151,14 @@ class JobStore:
         with self.engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
 
+    def check_writable(self) -> None:
+        """Raise if the database cannot take a write: a no-op UPDATE in a transaction that is rolled back (a
+        read-only SQLite file or a read-only PostgreSQL replica refuses it)."""
+        with self.engine.connect() as conn:
+            with conn.begin() as tx:
+                conn.execute(update(schema_version).values(version=schema_version.c.version))
+                tx.rollback()
+
     def dispose(self) -> None:
         """Close pooled connections."""
         self.engine.dispose()

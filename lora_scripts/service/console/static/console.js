@@ -38,11 +38,15 @@ async function refreshIndex() {
   if (jobs.ok) {
     body.replaceChildren(...(jobs.data.length ? jobs.data.map(j => el("tr", {"data-job": j.id},
       el("td", {}, el("a", {href: "/jobs/" + j.id, text: j.name})),
-      el("td", {}, el("span", {class: "state " + j.state, text: j.state})),
+      el("td", {}, el("span", {class: "state " + j.state, text: j.state}),
+        ...(j.state === "failed" && j.error ? [el("div", {class: "error reason", text: j.error})] : [])),
       el("td", {class: "progress-cell", "data-progress": j.id}),
       el("td", {class: "loss-cell", "data-loss": j.id}),
       el("td", {text: fmtTime(j.created_at)}))) : [el("tr", {}, el("td", {colspan: 5, text: "no jobs yet"}))]));
-    for (const j of jobs.data.filter(j => j.state === "running").slice(0, 10)) {
+    // progress of the running jobs, and the final loss of the latest finished ones
+    const shown = jobs.data.filter(j => j.state === "running").slice(0, 10)
+      .concat(jobs.data.filter(j => j.state === "succeeded" || j.state === "cancelled").slice(0, 20));
+    for (const j of shown) {
       api("GET", "/api/jobs/" + j.id).then(r => {
         if (!r.ok) return;
         const p = document.querySelector(`[data-progress="${j.id}"]`), l = document.querySelector(`[data-loss="${j.id}"]`);
@@ -82,7 +86,9 @@ function initDataset(id) {
     render(res.data);
   }
   function render(d) {
-    document.getElementById("summary").textContent = `${d.count} images, ${d.captioned} captioned`;
+    document.getElementById("summary").textContent = `${d.count} images, ${d.captioned} captioned` +
+      (d.sidecar_only ? `; ${d.sidecar_only} more have a .txt sidecar caption that training will not use while ` +
+       "metadata.csv exists: run auto-label with \".txt sidecars\" to merge them in" : "");
     document.getElementById("images").replaceChildren(...d.images.map(img => el("figure", {},
       el("img", {src: img.url + "?t=" + Date.now(), alt: img.name, loading: "lazy"}),
       el("figcaption", {text: img.name}),
@@ -104,6 +110,8 @@ function initDataset(id) {
   document.getElementById("label").addEventListener("submit", async ev => {
     ev.preventDefault();
     const f = ev.target;
+    if ((f.backend.value === "caption" || f.backend.value === "tagger") && !f.model.value)
+      return say("this back-end needs a model folder under the home's models/ (e.g. models/blip)", true);
     say("labelling…");
     const res = await api("POST", `/api/datasets/${id}/label`, {backend: f.backend.value, model: f.model.value || null,
       trigger: f.trigger.value || null, overwrite: f.overwrite.checked});
@@ -137,13 +145,13 @@ function formBody(form) {
   const config = {};
   form.querySelectorAll("[data-config]").forEach(input => {
     const v = input.value.trim();
-    if (v === "") return;
+    if (v === "" || input.disabled) return;  // a field of the other task
     if (input.name === "sample_prompts") config[input.name] = [v];
     else if (input.type === "number" || input.name === "learning_rate") config[input.name] = isNaN(Number(v)) ? v : Number(v);
     else config[input.name] = v;
   });
-  return {name: form.name.value.trim() || null, dataset_id: form.dataset_id.value || null,
-          config_yaml: form.config_yaml.value, config};
+  const dataset = form.dataset_id.disabled ? null : form.dataset_id.value || null;
+  return {name: form.name.value.trim() || null, dataset_id: dataset, config_yaml: form.config_yaml.value, config};
 }
 
 function showErrors(form, errors) {
@@ -158,9 +166,27 @@ function showErrors(form, errors) {
   document.getElementById("other-errors").textContent = other.join("\n");
 }
 
+// the task selector: only the fields of the chosen task are shown and sent; the demo's defaults fill them
+function showTask(form, task, fill) {
+  form.querySelectorAll("[data-task]").forEach(label => {
+    const mine = label.dataset.task === task;
+    label.hidden = !mine;
+    label.querySelectorAll("input, select").forEach(input => { input.disabled = !mine; });
+  });
+  const all = JSON.parse(document.getElementById("form-defaults").textContent || "{}");
+  const defaults = task === "text" ? (all.text || {}) : all;
+  if (!fill) return;
+  for (const [key, value] of Object.entries(defaults)) {
+    const input = form.elements[key];
+    if (input && typeof value !== "object" && key !== "task") input.value = value;
+  }
+}
+
 function initJobForm() {
   const form = document.getElementById("job-form"), valid = document.getElementById("valid");
   let timer = null;
+  showTask(form, form.task.value, false);
+  form.task.addEventListener("change", () => showTask(form, form.task.value, true));
   async function check() {
     const res = await api("POST", "/api/jobs/validate", formBody(form));
     if (res.status === 422) { showErrors(form, res.data.detail); valid.textContent = "fix the fields marked in red"; }
