@@ -11,7 +11,6 @@ from safetensors import safe_open
 from lora_scripts.config import build_config
 from lora_scripts.testing import make_captioned_images, tiny_image_config
 from lora_scripts.tiny_models.flux import make_tiny_model, write_components_only, write_single_file
-from lora_scripts.train.loop import train
 
 from .helpers import assert_same_tensors, run_cli, run_torchrun
 
@@ -291,3 +290,18 @@ def test_estimate_runs_on_the_shipped_flux_config_shapes(tiny_flux, flux_data, t
 
     est = estimate_memory(build_config(flux_config(tiny_flux, flux_data, tmp_path / "e", batch_size=1)))
     assert est.total > 0
+
+
+def test_rslora_dora_and_dropout_train_and_export_fused_magnitudes(tiny_flux, flux_data, tmp_path):
+    raw = flux_config(tiny_flux, flux_data, tmp_path / "dora", max_train_steps=2, use_dora=True, use_rslora=True,
+                      lora_dropout=0.1)
+    result = run_cli("train", "--config", str(write(tmp_path, raw)), "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    with safe_open(str(tmp_path / "dora" / "dora.safetensors"), "pt") as f:
+        scale = f.get_tensor("lora_unet_double_blocks_0_img_attn_qkv.dora_scale")
+        alpha = f.get_tensor("lora_unet_double_blocks_0_img_attn_qkv.alpha").item()
+    assert scale.shape == (3 * 16, 1)  # q, k, v magnitudes side by side, one per output row
+    assert alpha == pytest.approx(3 * 2 * 2)  # rsLoRA: alpha * sqrt(rank) under alpha/rank, times 3 parts
+    partial = dict(raw, target_modules=["attn.to_q"])
+    line = _one_line(run_cli("check", "--config", str(write(tmp_path, partial, "p.yaml"))))
+    assert "use_dora" in line

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from .base import Components
-from .flux import Flux, fused_lora_state_dict, original_layout, unpack_latents
+from .flux import Flux, fused_lora_state_dict, original_layout, packed_inputs, unpack_latents
 
 
 class Chroma(Flux):
@@ -76,17 +76,12 @@ class Chroma(Flux):
                 cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """As ChromaPipeline calls the transformer: FLUX's packing and ids, the text mask extended over the image
         tokens, timestep = sigma, no pooled vector or guidance input."""
-        from diffusers import FluxPipeline
-
         dtype = denoiser.dtype
         b, c, h, w = noisy.shape
-        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, dtype)
-        hidden = cond["hidden"].to(dtype)
-        txt_ids = torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=dtype)
+        packed, img_ids, hidden, txt_ids = packed_inputs(noisy, cond["hidden"], dtype)
         mask = torch.cat([cond["text_mask"].to(dtype),
                           torch.ones(b, packed.shape[1], device=noisy.device, dtype=torch.bool)], dim=1)
-        out = denoiser(hidden_states=packed.to(dtype), timestep=timesteps.to(dtype), encoder_hidden_states=hidden,
+        out = denoiser(hidden_states=packed, timestep=timesteps.to(dtype), encoder_hidden_states=hidden,
                        txt_ids=txt_ids, img_ids=img_ids, attention_mask=mask, return_dict=False)[0]
         return unpack_latents(out, b, c, h, w)
 

@@ -168,10 +168,11 @@ def fused_lora_state_dict(state: Mapping[str, torch.Tensor], rules: list[Rule], 
         rows = [denoiser_shapes[p][0] for p in rule.parts]
         name = f"{prefix}_{original.replace('.', '_')}"
         if "dora_scale" in next(iter(pieces.values())):
-            if len(rule.parts) > 1:
-                raise ValueError("DoRA on fused FLUX projections has no single-file layout; export the diffusers file")
-            out[f"{name}.dora_scale"] = kohya_dora_scale(pieces[0]["dora_scale"])
-        downs, ups, ranks = [], [], []
+            # DoRA normalises each output row, and each fused row belongs to one part: the magnitudes concatenate
+            if len(pieces) != len(rule.parts):
+                raise ValueError(f"DoRA on part of {original} has no single-file layout (train all its parts)")
+            out[f"{name}.dora_scale"] = kohya_dora_scale(torch.cat([pieces[i]["dora_scale"] for i in sorted(pieces)]))
+        downs, ranks = [], []
         for index in sorted(pieces):
             downs.append(pieces[index]["lora_down.weight"])
             ranks.append(downs[-1].shape[0])
@@ -258,6 +259,12 @@ class Flux(TransformerFamily):
     ]
     default_text_tokens: ClassVar[int] = 512
 
+    def check_components(self) -> None:
+        super().check_components()
+        if self.cfg.use_dora and self.cfg.target_modules:
+            raise ConfigError("use_dora: on FLUX.1 / Chroma, DoRA needs the default target_modules (fused q/k/v and "
+                              "linear1 must be adapted whole for the single-file export); remove target_modules")
+
     # --- single files --------------------------------------------------------------------------------------------
     def load_single_file_denoiser(self, path: Path) -> torch.nn.Module:
         from safetensors.torch import load_file
@@ -305,18 +312,13 @@ class Flux(TransformerFamily):
                 cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """As FluxPipeline calls the transformer: 2x2 patches packed into tokens, image ids (0, row, column), text
         ids zero, timestep = sigma, and on dev the guidance value (``guidance_scale``)."""
-        from diffusers import FluxPipeline
-
         dtype = denoiser.dtype
         b, c, h, w = noisy.shape
-        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, dtype)
-        hidden = cond["hidden"].to(dtype)
-        txt_ids = torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=dtype)
+        packed, img_ids, hidden, txt_ids = packed_inputs(noisy, cond["hidden"], dtype)
         guidance = None
         if denoiser.config.guidance_embeds:
             guidance = torch.full((b,), float(self.cfg.guidance_scale), device=noisy.device, dtype=torch.float32)
-        out = denoiser(hidden_states=packed.to(dtype), timestep=timesteps.to(dtype), guidance=guidance,
+        out = denoiser(hidden_states=packed, timestep=timesteps.to(dtype), guidance=guidance,
                        pooled_projections=cond["pooled"].to(dtype), encoder_hidden_states=hidden, txt_ids=txt_ids,
                        img_ids=img_ids, return_dict=False)[0]
         return unpack_latents(out, b, c, h, w)
@@ -389,6 +391,18 @@ def _kohya_clip_to_diffusers(tensors: Mapping[str, torch.Tensor]) -> dict[str, t
         out[f"{path}.lora_A.weight"] = tensor.float()
         out[f"{path}.lora_B.weight"] = tensors[f"{name}.lora_up.weight"].float() * (alpha / rank)
     return out
+
+
+def packed_inputs(noisy: torch.Tensor, hidden: torch.Tensor, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed latents, image ids, text states, text ids) as FluxPipeline prepares them for the transformer."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = noisy.shape
+    packed = FluxPipeline._pack_latents(noisy, b, c, h, w).to(dtype)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, dtype)
+    hidden = hidden.to(dtype)
+    return packed, img_ids, hidden, torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=dtype)
 
 
 def unpack_latents(tokens: torch.Tensor, b: int, c: int, h: int, w: int) -> torch.Tensor:
