@@ -15,8 +15,6 @@ from ..base import RunInfo
 def export_image_lora(task: Any, model: torch.nn.Module, output_dir: Path, run: RunInfo) -> list[Path]:
     """Write ``<output_name>.safetensors`` (the family's single-file layout) and ``diffusers/`` for ``task``'s run."""
     import diffusers
-    from diffusers.utils import convert_state_dict_to_diffusers
-
     from ...export.kohya import kohya_metadata, kohya_network_args, write_kohya_lora
     from .task import adapter_metadata
 
@@ -66,7 +64,7 @@ def export_image_lora(task: Any, model: torch.nn.Module, output_dir: Path, run: 
     diffusers_dir = output_dir / "diffusers"
     layers: dict[str, Any] = {}
     for name, module in task.lora_modules(model).items():
-        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(parts[name])
+        layers[f"{name}_lora_layers"] = family.diffusers_lora_layers(parts[name])
         layers[f"{name}_lora_adapter_metadata"] = adapter_metadata(module.peft_config["default"], cfg)
     getattr(diffusers, family.pipeline_class).save_lora_weights(diffusers_dir, **layers)
     return [kohya_path, diffusers_dir / "pytorch_lora_weights.safetensors"]

@@ -176,6 +176,13 @@ class Family(ABC):
                       conv_alpha: float | None, denoiser_config: Any) -> dict[str, torch.Tensor]:
         """The single-file (kohya / ComfyUI) LoRA tensors from peft state dicts per part."""
 
+    def diffusers_lora_layers(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One part's peft state dict as the family's ``save_lora_weights`` expects it: diffusers' own names for the
+        UNet families (as their training scripts save); the transformer families keep peft's names."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        return convert_state_dict_to_diffusers(dict(state))
+
     def apply_network_weights(self, path: Path, modules: Mapping[str, torch.nn.Module]) -> None:
         """Continue from an existing LoRA (``network_weights``) in any format this family exports or reads."""
         from ....export.load import apply_network_weights

@@ -283,14 +283,18 @@ class SD3(Family):
         return {**super().sample_kwargs(sample), "max_sequence_length": self.t5_tokens()}
 
     # --- export --------------------------------------------------------------------------------------------------
+    def diffusers_lora_layers(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """peft's names, as diffusers' ``train_dreambooth_lora_sd3.py`` saves every part."""
+        return dict(state)
+
     def kohya_tensors(self, parts: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float,
                       conv_alpha: float | None, denoiser_config: Any) -> dict[str, torch.Tensor]:
         """The ComfyUI-loadable single file: diffusers module names under the part prefix (``transformer.``,
-        ``text_encoder.``, ``text_encoder_2.``), peft's ``lora_A`` / ``lora_B``, and an ``alpha`` per module.
+        ``text_encoder.``, ``text_encoder_2.``) with peft's ``lora_A`` / ``lora_B``.
 
-        The trained scale ``alpha / rank`` is folded into ``lora_B`` and ``alpha`` is written as the rank: ComfyUI
-        scales by ``alpha / rank`` and diffusers' SD3 loader, which ignores ``alpha`` tensors, by 1, so both
-        reproduce the trained ``scale * B @ A`` exactly."""
+        The trained scale ``alpha / rank`` is folded into ``lora_B`` and no ``alpha`` tensor is written: diffusers'
+        SD3 loader refuses non-``lora`` keys and uses scale 1 without adapter metadata, and ComfyUI uses scale 1
+        for a module without ``alpha``, so both reproduce the trained ``scale * B @ A`` exactly."""
         out: dict[str, torch.Tensor] = {}
         for part, state in parts.items():
             for key, tensor in state.items():
@@ -298,7 +302,6 @@ class SD3(Family):
                 if kind == "B.weight":
                     rank = tensor.shape[1]
                     out[f"{part}.{module}.lora_B.weight"] = (tensor * (alpha / rank)).contiguous()
-                    out[f"{part}.{module}.alpha"] = torch.tensor(float(rank))
                 elif kind == "A.weight":
                     out[f"{part}.{module}.lora_A.weight"] = tensor.contiguous()
                 else:
@@ -322,11 +325,12 @@ class SD3(Family):
         found: dict[str, dict[str, _Found]] = {}
         for key, tensor in tensors.items():
             part, rest = key.split(".", 1)
-            module, kind = rest.rsplit(".lora_", 1)
+            # peft (lora_A/B), kohya (lora_down/up) or diffusers' own (lora.down/up) spelling
+            module, kind = rest.rsplit(".lora_", 1) if ".lora_" in rest else rest.rsplit(".lora.", 1)
             entry = found.setdefault(part, {}).setdefault(module, _Found(name=f"{part}.{module}"))
-            if kind in ("A.weight", "down.weight"):
+            if kind in ("A.weight", "down.weight") or rest.endswith(".lora.down.weight"):
                 entry.down = tensor
-            elif kind in ("B.weight", "up.weight"):
+            elif kind in ("B.weight", "up.weight") or rest.endswith(".lora.up.weight"):
                 entry.up = tensor
             else:
                 raise ConfigError(f"network_weights: '{path}' holds {key}, which is not a LoRA tensor of {self.title}")
@@ -358,7 +362,7 @@ def _read_lora_file(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, floa
     except (OSError, ValueError) as exc:
         raise ConfigError(f"network_weights: cannot read '{file}' ({first_line(exc)})") from None
     for key in tensors:
-        if key.split(".", 1)[0] not in ("transformer", *ENCODERS) or ".lora_" not in key:
+        if key.split(".", 1)[0] not in ("transformer", *ENCODERS) or not (".lora_" in key or ".lora." in key):
             raise ConfigError(f"network_weights: '{file}' is not an SD3 LoRA with diffusers names (found '{key}'; "
                               "expected transformer.transformer_blocks.N…lora_A.weight)")
     adapter = json.loads(meta.get("lora_adapter_metadata", "{}") or "{}")
