@@ -212,6 +212,8 @@ def test_wrong_family_and_wrong_component_are_one_line(root, tiny_sd3, single_fi
     assert_one_line_error(proc.returncode, proc.stderr.strip(), "holds only the SD3 transformer", "base_model_config")
 
 
+@pytest.mark.skipif(not __import__("os").environ.get("LORA_SCRIPTS_SLOW"), reason="full-size meta step: minutes on "
+                    "CPU (the memory tracker walks every tensor per op); set LORA_SCRIPTS_SLOW=1")
 def test_estimate_of_the_shipped_sd35_large_config(root):
     """``lora-scripts estimate`` on configs/sd35_large_lora.yaml with a full-size (sparse, all-zero) transformer
     file: the shipped configs build every component on the meta device."""
