@@ -99,7 +99,7 @@ class ZImage(FlowLoRAMixin, TransformerFamily):
         output, so the negation here makes the prediction the velocity ``noise - x0`` the objective targets."""
         dtype = denoiser.dtype
         mask = cond["prompt_mask"].bool()
-        captions = [embeds[valid].to(dtype) for embeds, valid in zip(cond["prompt_embeds"], mask)]
+        captions = [rows.to(dtype) for rows in _valid_rows(cond["prompt_embeds"], mask)]
         latents = list(noisy.to(dtype).unsqueeze(2).unbind(0))
         out = denoiser(latents, (1 - timesteps).to(dtype), captions, return_dict=False)[0]
         return -torch.stack(out).squeeze(2)
@@ -118,6 +118,17 @@ class ZImage(FlowLoRAMixin, TransformerFamily):
         ``comfy.utils.z_image_to_diffusers``) maps exactly these names, to_q/to_k/to_v onto slices of its fused
         ``attention.qkv`` and to_out.0 onto ``attention.out``; diffusers' Z-Image converter reads them too."""
         return "diffusion_model." + module
+
+
+def _valid_rows(embeds: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each sample's caption rows where the mask is set. The memory estimate runs on fake tensors, where a
+    data-dependent selection cannot run; there the mask is all ones (:meth:`ZImage.meta_conditioning`), so every
+    row is valid and the full length is the worst case the estimate wants."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(mask):
+        return list(embeds.unbind(0))
+    return [rows[valid] for rows, valid in zip(embeds, mask)]
 
 
 FAMILY = ZImage
