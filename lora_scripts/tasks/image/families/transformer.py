@@ -329,7 +329,8 @@ def _check_encoder_kind(key: str, path: Path, kind: str, model_types: tuple[str,
     if kind == "folder":
         config = path / "config.json"
         try:
-            found = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+            data = json.loads(config.read_text(encoding="utf-8"))
+            found = data.get("model_type") or data.get("_class_name")  # a diffusers model (a VAE) names its class
         except (OSError, ValueError):
             raise ConfigError(f"{key}: '{path}' has no readable config.json; point it at a transformers text-encoder "
                               "folder or a .safetensors file") from None
