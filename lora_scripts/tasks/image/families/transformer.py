@@ -214,6 +214,12 @@ class TransformerFamily(Family):
             return apply_network_weights(path, modules, family=self.name)
         tensors, _ = read_lora_tensors(file)
         if all(key.split(".", 1)[0] in PARTS for key in tensors):
+            if any(key.endswith((".lora_down.weight", ".lora_up.weight")) for key in tensors):
+                # kohya's kind names under diffusers module names (ComfyUI / OneTrainer style), ``alpha`` per module
+                tensors = {key.replace(".lora_down.weight", ".lora_A.weight").replace(".lora_up.weight",
+                                                                                      ".lora_B.weight"): value
+                           for key, value in tensors.items()}
+                return apply_network_weights(file, modules, family=self.name, tensors=tensors)
             return apply_network_weights(file, modules, family=self.name)
         try:
             out = getattr(diffusers, self.pipeline_class).lora_state_dict(str(file))
