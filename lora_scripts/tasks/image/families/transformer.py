@@ -37,6 +37,7 @@ class TransformerFamily(Family):
     encoder_kinds: ClassVar[dict[str, tuple[tuple[str, ...], str]]] = {}
     shipped_config: ClassVar[str] = ""  # folder under lora_scripts/models/configs with the full-size configs
     header_keys: ClassVar[tuple[str, ...]] = ()  # tensor names (without a ``model.diffusion_model.`` prefix)
+    vae_latent_channels: ClassVar[int] = 0  # > 0: a separately given ``vae_path`` must have this many channels
 
     @classmethod
     def matches_header(cls, shapes: Mapping[str, tuple[int, ...]]) -> bool:
@@ -69,7 +70,8 @@ class TransformerFamily(Family):
             raise ConfigError(f"base_model_config: '{folder}' is not a diffusers config folder (no model_index.json); "
                               f"pass a {self.title} diffusers folder or leave it out")
         if name.startswith(("vae", "text_encoder")) and not _has_weights(folder / name):
-            hint = f"set {key} to the {name} (a folder or .safetensors)" if key else "give a full diffusers folder"
+            hint = (f"set {key} to the {name} (a folder or .safetensors), or base_model_config to a full "
+                    f"{self.title} diffusers folder") if key else "give a full diffusers folder"
             raise ConfigError(f"base_model: '{self.cfg.base_model}' is a transformer-only file and no {name} weights "
                               f"were found in '{folder / name}'; {hint}")
         return "folder", folder, name
@@ -79,12 +81,12 @@ class TransformerFamily(Family):
         if not (folder / "transformer" / "config.json").is_file():
             raise ConfigError(f"base_model_config: '{folder}' has no transformer/config.json; pass a {self.title} "
                               "diffusers config folder, or leave it out to use the shipped configs")
+        self.check_components()  # a wrong given component is reported before the ones not given
         for name in self.components:
             if name.startswith(("vae", "text_encoder")):
                 self.component_source(name)
             elif name.startswith("tokenizer"):
                 self.tokenizer_folder(name)
-        self.check_components()
 
     def tokenizer_folder(self, name: str) -> Path:
         """Where tokenizer ``name`` of a single-file base comes from: beside its encoder when that is a folder with
@@ -114,6 +116,8 @@ class TransformerFamily(Family):
             kind, path, _ = self.component_source(name)
             if name in self.encoder_kinds:
                 _check_encoder_kind(key, Path(path), kind, *self.encoder_kinds[name], self.title)
+            elif name == "vae" and self.vae_latent_channels:
+                _check_vae_channels(key, Path(path), kind, self.vae_latent_channels, self.title)
 
     # --- loading -------------------------------------------------------------------------------------------------
     def load(self, base_model: str) -> Components:
@@ -210,6 +214,12 @@ class TransformerFamily(Family):
             return apply_network_weights(path, modules, family=self.name)
         tensors, _ = read_lora_tensors(file)
         if all(key.split(".", 1)[0] in PARTS for key in tensors):
+            if any(key.endswith((".lora_down.weight", ".lora_up.weight")) for key in tensors):
+                # kohya's kind names under diffusers module names (ComfyUI / OneTrainer style), ``alpha`` per module
+                tensors = {key.replace(".lora_down.weight", ".lora_A.weight").replace(".lora_up.weight",
+                                                                                      ".lora_B.weight"): value
+                           for key, value in tensors.items()}
+                return apply_network_weights(file, modules, family=self.name, tensors=tensors)
             return apply_network_weights(file, modules, family=self.name)
         try:
             out = getattr(diffusers, self.pipeline_class).lora_state_dict(str(file))
@@ -298,13 +308,35 @@ def load_encoder_file(model_cls: Any, path: Path, config_dir: Path) -> torch.nn.
     return model.float()
 
 
+def _check_vae_channels(key: str, path: Path, kind: str, channels: int, title: str) -> None:
+    """A VAE folder's ``latent_channels``, or a single file's encoder output (mean and logvar: twice the latent
+    channels, in the diffusers or the original layout), say it is a VAE of ``channels`` latent channels."""
+    if kind == "folder":
+        try:
+            found = json.loads((path / "config.json").read_text(encoding="utf-8")).get("latent_channels")
+        except (OSError, ValueError):
+            raise ConfigError(f"{key}: '{path}' has no readable config.json; point it at a diffusers VAE folder or a "
+                              ".safetensors file") from None
+    else:
+        from ....models.checkpoint_file import read_weight_shapes
+
+        shapes = read_weight_shapes(path)
+        conv_out = next((v for k, v in shapes.items() if k.endswith("encoder.conv_out.weight")), None)
+        found = conv_out[0] // 2 if conv_out else None
+    if found != channels:
+        what = f"a {found}-channel VAE" if found else "no VAE"
+        raise ConfigError(f"{key}: '{path}' holds {what}, but {title} expects its {channels}-channel VAE; point it "
+                          "at the right VAE")
+
+
 def _check_encoder_kind(key: str, path: Path, kind: str, model_types: tuple[str, ...], tensor: str,
                         title: str) -> None:
     """A folder's ``config.json`` model_type, or a single file's tensor names, say it is the encoder expected."""
     if kind == "folder":
         config = path / "config.json"
         try:
-            found = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+            data = json.loads(config.read_text(encoding="utf-8"))
+            found = data.get("model_type") or data.get("_class_name")  # a diffusers model (a VAE) names its class
         except (OSError, ValueError):
             raise ConfigError(f"{key}: '{path}' has no readable config.json; point it at a transformers text-encoder "
                               "folder or a .safetensors file") from None
