@@ -129,7 +129,7 @@ class TransformerFamily(Family):
             loaded = {name: _cls(lib, cls).from_pretrained(base_model, subfolder=name)
                       for name, (lib, cls) in self.components.items()}
             return self._assemble(loaded, self._denoiser_cls().from_pretrained(base_model, subfolder="transformer"))
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ConfigError(f"base_model: could not load '{base_model}': {first_line(exc)}") from None
 
     def _load_single_file(self, path: Path) -> Components:
