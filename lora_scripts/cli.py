@@ -147,7 +147,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.task == "text":
         from .demo import run_text_demo
 
-        run_text_demo(Path(args.output_dir), steps=args.steps or 60)
+        run_text_demo(Path(args.output_dir), steps=args.steps or 500)
     elif args.family and args.family not in ("sd1", "sd15"):
         from .demo import run_family_demo
         from .errors import ConfigError
@@ -159,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise ConfigError(f"demo --family: no tiny model for '{args.family}' (see lora_scripts/tiny_models)") from None
         run_family_demo(Path(args.output_dir), args.family, steps=args.steps or 60)
     else:
-        run_demo(Path(args.output_dir), steps=args.steps or 200)
+        run_demo(Path(args.output_dir), steps=args.steps or 120)
     return 0
 
 

@@ -37,33 +37,58 @@ def render_comparison(base_model: Path, lora_file: Path, prompt: str, out_path: 
     return out_path
 
 
-def run_demo(output_dir: Path, steps: int = 200) -> None:
+def comparison_grid(without: list, with_lora: list, columns: int, out_path: Path, scale: int = 4) -> Path:
+    """Two rows (without the LoRA on top, with it below) of ``columns`` images each, same prompts and seeds."""
+    from PIL import Image
+
+    w, h = without[0].size
+    canvas = Image.new("RGB", (columns * (w + 2) - 2, 2 * h + 4), "white")
+    for row, images in enumerate((without, with_lora)):
+        for i, img in enumerate(images[:columns]):
+            canvas.paste(img, (i * (w + 2), row * (h + 4)))
+    canvas.resize((canvas.width * scale, canvas.height * scale), Image.Resampling.NEAREST).save(out_path)
+    return out_path
+
+
+def run_demo(output_dir: Path, steps: int = 120) -> None:
+    """Teach the pretrained tiny SD base a style it does not know (``in zkq style``: a deep purple background),
+    then render prompts *not* in the training captions without | with the LoRA and measure the effect."""
     from .config import build_config
-    from .testing import make_captioned_images, make_tiny_sd_model, tiny_image_config
+    from .learning import STYLE_RGB, make_style_images, render_sd, style_distance, style_prompts, style_share
+    from .plots import plot_loss
+    from .pretrain import SD_BASE
+    from .testing import tiny_image_config
     from .train.loop import train
 
     t0 = time.time()
     output_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = output_dir / "tiny-sd"
-    data_dir = output_dir / "data" / "shapes"
-    print(f"[1/4] building a tiny Stable Diffusion model in {model_dir} and 12 captioned images in {data_dir}")
-    if not (model_dir / "model_index.json").exists():
-        make_tiny_sd_model(model_dir)
-    make_captioned_images(data_dir, count=12)
+    data_dir = output_dir / "data" / "zkq"
+    print(f"[1/4] base: the pretrained tiny Stable Diffusion in {SD_BASE} (draws coloured shapes on a light "
+          f"background); concept: 'in zkq style' = background {STYLE_RGB}, 16 images in {data_dir}")
+    make_style_images(data_dir)
 
     config_path = output_dir / "demo_config.yaml"
     raw = tiny_image_config(
-        model_dir, data_dir, output_dir / "lora", max_train_steps=steps, batch_size=4, save_steps=10,
-        keep_last_checkpoints=2, learning_rate=2e-3, lr_scheduler="cosine", lr_warmup_steps=2, output_name="demo_lora",
-        logging={"tensorboard": True, "loss_csv": True}, overwrite=True,
+        SD_BASE, data_dir, output_dir / "lora", max_train_steps=steps, batch_size=4, save_steps=max(1, steps // 2),
+        keep_last_checkpoints=2, learning_rate=3e-3, lora_rank=4, lora_alpha=4, lr_scheduler="constant",
+        cache_latents=True, output_name="demo_lora", logging={"tensorboard": True, "loss_csv": True}, overwrite=True,
     )
     config_path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     print(f"[2/4] training with {config_path} (same as: lora-scripts train --config {config_path})")
     result = train(build_config(raw, str(config_path)))
 
-    print("[3/4] rendering 'a red circle in the style of lora' without | with the LoRA")
+    prompts = style_prompts()
+    print("[3/4] rendering prompts not in the training captions, without (top) | with (bottom) the LoRA:")
+    for prompt in prompts:
+        print(f"    {prompt}")
     kohya_file = output_dir / "lora" / "demo_lora.safetensors"
-    sample = render_comparison(model_dir, kohya_file, "a red circle in the style of lora", output_dir / "sample_without_with_lora.png")
+    without = render_sd(SD_BASE, prompts)
+    with_lora = render_sd(SD_BASE, prompts, kohya_file)
+    sample = comparison_grid(without, with_lora, len(prompts), output_dir / "sample_without_with_lora.png")
+    loss_png = plot_loss(output_dir / "lora" / "logs" / "loss.csv", "image LoRA: in zkq style")
+    print(f"  effect: share of pixels in the style's purple, held-out prompts: base {style_share(without):.1%} -> "
+          f"with LoRA {style_share(with_lora):.1%}; mean RGB distance to it: {style_distance(without):.0f} -> "
+          f"{style_distance(with_lora):.0f} (0 = all purple)")
 
     print("[4/4] done in %.0f s" % (time.time() - t0))
     print(f"  speed:        {result.seconds_per_step:.3f} s/step (median), peak memory {result.peak_memory_mb:.0f} MB")
@@ -72,6 +97,7 @@ def run_demo(output_dir: Path, steps: int = 200) -> None:
     print(f"  diffusers:    {output_dir / 'lora' / 'diffusers' / 'pytorch_lora_weights.safetensors'}")
     print(f"  checkpoint:   {result.last_checkpoint}  (resume with --resume latest)")
     print(f"  loss log:     {output_dir / 'lora' / 'logs' / 'loss.csv'}  (tensorboard --logdir {output_dir / 'lora' / 'logs'})")
+    print(f"  loss curve:   {loss_png}")
     print(f"  sample:       {sample}")
 
 
@@ -134,31 +160,45 @@ def run_family_demo(output_dir: Path, family: str, steps: int = 60) -> None:
     print(f"  sample:       {sample}")
 
 
-def run_text_demo(output_dir: Path, steps: int = 60) -> None:
-    """The text task on a tiny LLaMA-shaped model and the built-in instruction set."""
+def run_text_demo(output_dir: Path, steps: int = 500) -> None:
+    """Teach the pretrained tiny LM a new answer format (``"Arr! <answer>"``) and measure it on held-out prompts."""
     from .config import build_config
-    from .testing import make_instruction_data, make_tiny_causal_lm
+    from .learning import FORMAT_PREFIX, format_share, format_split, generate_answers, write_format_data
+    from .plots import plot_loss
+    from .pretrain import LM_BASE
     from .train.loop import train
 
     t0 = time.time()
     output_dir.mkdir(parents=True, exist_ok=True)
-    model_dir, data_file = output_dir / "tiny-llama", output_dir / "data" / "instructions.jsonl"
-    print(f"[1/3] building a tiny LLaMA-shaped model in {model_dir} and an instruction set in {data_file}")
-    if not (model_dir / "config.json").exists():
-        make_tiny_causal_lm(model_dir, "llama")
-    make_instruction_data(data_file, "alpaca", repeat=4)
+    data_file = output_dir / "data" / "pirate.jsonl"
+    train_pairs, held_out = format_split()
+    write_format_data(data_file, train_pairs)
+    print(f"[1/3] base: the pretrained tiny LLaMA-shaped LM in {LM_BASE} (answers simple instructions); new format: "
+          f"'{FORMAT_PREFIX} <answer>', {len(train_pairs)} examples in {data_file}")
+    prompts = [p for p, _ in held_out]
     raw = {
-        "task": "text", "base_model": str(model_dir), "metadata_path": str(data_file),
-        "output_dir": str(output_dir / "text_lora"), "lora_rank": 8, "batch_size": 4, "max_train_steps": steps,
-        "learning_rate": 5e-3, "save_steps": max(1, steps // 2), "packing": True, "max_seq_length": 128,
-        "val_size": 0.1, "sample_prompts": ["Name a colour."], "sample_max_new_tokens": 12, "overwrite": True,
+        "task": "text", "base_model": str(LM_BASE), "metadata_path": str(data_file),
+        "output_dir": str(output_dir / "text_lora"), "lora_rank": 8, "lora_alpha": 16, "target_modules": "all-linear",
+        "batch_size": 8, "max_train_steps": steps, "learning_rate": 1e-3, "save_steps": max(1, steps // 2),
+        "max_seq_length": 64, "sample_prompts": prompts[:2], "sample_max_new_tokens": 8, "overwrite": True,
+        "logging": {"tensorboard": False, "loss_csv": True},
     }
     config_path = output_dir / "demo_text_config.yaml"
     config_path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     print(f"[2/3] training with {config_path} (same as: lora-scripts train --config {config_path})")
     result = train(build_config(raw, str(config_path)))
-    print("[3/3] done in %.0f s" % (time.time() - t0))
+    adapter = output_dir / "text_lora" / "adapter"
+    before = generate_answers(LM_BASE, prompts, max_new_tokens=8)
+    after = generate_answers(LM_BASE, prompts, adapter, max_new_tokens=8)
+    loss_png = plot_loss(output_dir / "text_lora" / "logs" / "loss.csv", "text LoRA: the 'Arr!' format")
+    print("[3/3] held-out prompts (not in the training data), before -> after:")
+    for prompt, a, b in list(zip(prompts, before, after))[:6]:
+        print(f"    {prompt!r}: {a!r} -> {b!r}")
+    print(f"  effect: held-out answers in the '{FORMAT_PREFIX}' format: base {format_share(before):.0%} -> "
+          f"with LoRA {format_share(after):.0%} (of {len(prompts)})")
+    print("  done in %.0f s" % (time.time() - t0))
     print(f"  speed:        {result.seconds_per_step:.3f} s/step (median), peak memory {result.peak_memory_mb:.0f} MB")
-    print(f"  PEFT adapter: {output_dir / 'text_lora' / 'adapter'}  (PeftModel.from_pretrained)")
+    print(f"  PEFT adapter: {adapter}  (PeftModel.from_pretrained)")
     print(f"  samples:      {output_dir / 'text_lora' / 'logs' / 'samples.txt'}")
-    print(f"  merge:        lora-scripts export --adapter {output_dir / 'text_lora' / 'adapter'} --merge --output {output_dir / 'merged'}")
+    print(f"  loss curve:   {loss_png}")
+    print(f"  merge:        lora-scripts export --adapter {adapter} --merge --output {output_dir / 'merged'}")

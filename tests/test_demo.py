@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from PIL import Image
 
+from lora_scripts.learning import format_split
+
 from .helpers import run_cli
 
 
@@ -13,12 +15,13 @@ def test_demo_trains_exports_and_renders(tmp_path):
     out = tmp_path / "demo"
     sample = out / "sample_without_with_lora.png"
     for path in (out / "lora" / "demo_lora.safetensors", out / "lora" / "diffusers" / "pytorch_lora_weights.safetensors",
-                 out / "lora" / "logs" / "loss.csv", sample):
+                 out / "lora" / "logs" / "loss.csv", out / "lora" / "logs" / "loss.png", sample):
         assert path.is_file(), path
         assert str(path) in proc.stdout
     with Image.open(sample) as img:
         assert img.width > img.height  # without | with, side by side
     assert "s/step" in proc.stdout and "peak memory" in proc.stdout
+    assert "effect: share of pixels in the style's purple" in proc.stdout
 
 
 def test_text_demo_trains_and_prints_the_merge_command(tmp_path):
@@ -26,7 +29,10 @@ def test_text_demo_trains_and_prints_the_merge_command(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     adapter = tmp_path / "demo" / "text_lora" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
-    assert "Name a colour." in (tmp_path / "demo" / "text_lora" / "logs" / "samples.txt").read_text()
+    held_out_prompt = format_split()[1][0][0]  # the demo samples prompts not in its training data
+    assert held_out_prompt in (tmp_path / "demo" / "text_lora" / "logs" / "samples.txt").read_text()
+    assert (tmp_path / "demo" / "text_lora" / "logs" / "loss.png").is_file()
+    assert "effect: held-out answers in the 'Arr!' format" in proc.stdout
     assert f"--adapter {adapter} --merge" in proc.stdout
 
 

@@ -1,0 +1,90 @@
+"""Training teaches: a LoRA trained on a visible concept moves held-out outputs toward it, and the same run at a
+learning rate of (nearly) zero does not. This guards the objective, the LoRA scale, the export and the schedule end
+to end, measured as a user would: images from ``StableDiffusionPipeline.load_lora_weights`` of the exported kohya file, and
+greedy answers of a ``PeftModel.from_pretrained`` adapter, on prompts not in the training data.
+
+``learning_rate`` must be > 0 in the config (``gt=0``), so "zero" is :data:`ZERO_LR` = 1e-12: AdamW's step is
+``lr * m / sqrt(v)``, about 1e-12 per weight per step, so the zero-initialised LoRA B stays zero in all but name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lora_scripts.config import build_config
+from lora_scripts.learning import (format_share, format_split, generate_answers, make_style_images, render_sd,
+                                   style_distance, style_prompts, write_format_data)
+from lora_scripts.pretrain import LM_BASE, SD_BASE
+from lora_scripts.testing import tiny_image_config
+from lora_scripts.train.loop import train
+
+ZERO_LR = 1e-12
+TEXT_LR, TEXT_STEPS = 1e-3, 500
+IMAGE_LR, IMAGE_STEPS = 3e-3, 120
+SEEDS = (0, 1)
+# stated margins. Text: the share of held-out answers in the format the LoRA must add over the base. Image: how far
+# (mean RGB distance, 0-441) the LoRA must pull held-out renders toward the style's purple (measured: ~198 -> ~165),
+# and the most the "zero" run may move them (it renders the base's exact pixels up to float noise).
+TEXT_MARGIN = 0.6
+IMAGE_MARGIN, IMAGE_STILL = 15.0, 1.0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine two threads per process oversubscribe the cores and a 0.3 s
+    step takes 2-3 s."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+pytestmark = pytest.mark.skipif(not (SD_BASE / "model_index.json").is_file() or not (LM_BASE / "config.json").is_file(),
+                                reason="the pretrained demo bases are missing (run tools/pretrain_demo_bases.py)")
+
+
+def _train_image(out: Path, data: Path, learning_rate: float) -> Path:
+    raw = tiny_image_config(SD_BASE, data, out, max_train_steps=IMAGE_STEPS, batch_size=4,
+                            learning_rate=learning_rate, lora_rank=4, lora_alpha=4, save_steps=IMAGE_STEPS,
+                            lr_scheduler="constant", cache_latents=True, output_name="zkq", seed=0)
+    train(build_config(raw))
+    return out / "zkq.safetensors"
+
+
+def test_image_lora_draws_the_style_on_held_out_prompts_and_zero_lr_does_not(tmp_path):
+    data = make_style_images(tmp_path / "zkq")
+    prompts = style_prompts()  # pairs not captioned in the training images
+    base = style_distance(render_sd(SD_BASE, prompts, seeds=SEEDS))
+    trained = style_distance(render_sd(SD_BASE, prompts, _train_image(tmp_path / "lr", data, IMAGE_LR), seeds=SEEDS))
+    still = style_distance(render_sd(SD_BASE, prompts, _train_image(tmp_path / "lr0", data, ZERO_LR), seeds=SEEDS))
+    print(f"mean RGB distance to the style colour, held-out prompts: base {base:.1f}, LoRA {trained:.1f}, "
+          f"zero-lr LoRA {still:.1f}")
+    assert trained <= base - IMAGE_MARGIN, (base, trained)
+    assert abs(still - base) <= IMAGE_STILL, (base, still)
+
+
+
+def _train_text(out: Path, data: Path, learning_rate: float) -> Path:
+    raw = {"task": "text", "base_model": str(LM_BASE), "metadata_path": str(data), "output_dir": str(out),
+           "lora_rank": 8, "lora_alpha": 16, "batch_size": 8, "target_modules": "all-linear", "max_train_steps": TEXT_STEPS,
+           "learning_rate": learning_rate, "save_steps": TEXT_STEPS, "max_seq_length": 64, "seed": 0,
+           "logging": {"tensorboard": False}}
+    train(build_config(raw))
+    return out / "adapter"
+
+
+def test_text_lora_answers_held_out_prompts_in_the_taught_format_and_zero_lr_does_not(tmp_path):
+    train_pairs, held_out = format_split()
+    data = write_format_data(tmp_path / "pirate.jsonl", train_pairs)
+    prompts = [p for p, _ in held_out][::2]  # 18 of the 35 held-out instructions, every kind among them
+    # the format is decided by the first tokens: 4 new tokens keep three generation passes cheap
+    base = format_share(generate_answers(LM_BASE, prompts, max_new_tokens=4))
+    trained = format_share(generate_answers(LM_BASE, prompts, _train_text(tmp_path / "lr", data, TEXT_LR), 4))
+    still = format_share(generate_answers(LM_BASE, prompts, _train_text(tmp_path / "lr0", data, ZERO_LR), 4))
+    print(f"held-out answers in the 'Arr!' format: base {base:.2f}, LoRA {trained:.2f}, zero-lr LoRA {still:.2f}")
+    assert trained >= base + TEXT_MARGIN, (base, trained)
+    assert still == base, (base, still)

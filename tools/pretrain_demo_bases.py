@@ -1,0 +1,53 @@
+"""Rebuild the small pretrained demo bases in ``lora_scripts/demo_assets`` (deterministic, offline, CPU).
+
+    python tools/pretrain_demo_bases.py            # both, a few minutes on one CPU core
+    python tools/pretrain_demo_bases.py --only lm  # just the causal LM
+
+Bit for bit the committed files on the same torch build and CPU kind (single-threaded, fixed seeds); see
+:mod:`lora_scripts.pretrain`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+
+from lora_scripts.pretrain import LM_BASE, SD_BASE, pretrain_lm, pretrain_sd  # noqa: E402
+
+
+def digest(folder: Path) -> str:
+    """One sha256 over every weight file of ``folder`` (what "bit for bit" is checked against)."""
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        h.update(path.relative_to(folder).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("sd", "lm"))
+    parser.add_argument("--output", type=Path, help="write here instead of lora_scripts/demo_assets")
+    args = parser.parse_args()
+    for name, target, build in (("sd", SD_BASE, pretrain_sd), ("lm", LM_BASE, pretrain_lm)):
+        if args.only not in (None, name):
+            continue
+        folder = args.output / target.name if args.output else target
+        if folder.exists():
+            shutil.rmtree(folder)
+        t0 = time.time()
+        print(f"pretraining {folder} ...", flush=True)
+        build(folder, log_every=100)
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        print(f"  {folder}: {size / 1e6:.2f} MB in {time.time() - t0:.0f} s, sha256 {digest(folder)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
