@@ -8,35 +8,6 @@ from pathlib import Path
 import yaml
 
 
-def render_comparison(base_model: Path, lora_file: Path, prompt: str, out_path: Path, seed: int = 0) -> Path:
-    """Render ``prompt`` with and without the LoRA from the same seed, side by side, into one PNG."""
-    import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from PIL import Image
-
-    pipe = StableDiffusionPipeline.from_pretrained(base_model, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-
-    def render() -> Image.Image:
-        gen = torch.Generator().manual_seed(seed)
-        return pipe(prompt, num_inference_steps=20, generator=gen, height=32, width=32, guidance_scale=5.0).images[0]
-
-    without = render()
-    pipe.load_lora_weights(str(lora_file))
-    with_lora = render()
-    import numpy as np
-
-    diff = np.abs(np.asarray(with_lora, dtype=np.float32) - np.asarray(without, dtype=np.float32)).mean()
-    print(f"  mean |with LoRA - without| per pixel: {diff:.2f} / 255 (a tiny random model draws noise either way)")
-    canvas = Image.new("RGB", (without.width * 2 + 4, without.height), "white")
-    canvas.paste(without, (0, 0))
-    canvas.paste(with_lora, (without.width + 4, 0))
-    canvas = canvas.resize((canvas.width * 4, canvas.height * 4), Image.Resampling.NEAREST)
-    canvas.save(out_path)
-    return out_path
-
-
 def comparison_grid(without: list, with_lora: list, columns: int, out_path: Path, scale: int = 4) -> Path:
     """Two rows (without the LoRA on top, with it below) of ``columns`` images each, same prompts and seeds."""
     from PIL import Image
