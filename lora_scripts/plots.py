@@ -6,9 +6,16 @@ import csv
 from pathlib import Path
 
 
-def plot_loss(loss_csv: Path, title: str = "training loss") -> Path:
-    """Plot ``loss.csv`` (columns ``step``, ``loss``) to ``loss.png`` in the same folder; returns its path."""
-    import matplotlib
+NO_MATPLOTLIB = "not drawn: pip install 'lora-scripts[demo]' (matplotlib) for loss.png"
+
+
+def plot_loss(loss_csv: Path, title: str = "training loss") -> Path | str:
+    """Plot ``loss.csv`` (columns ``step``, ``loss``) to ``loss.png`` in the same folder; returns its path, or (no
+    matplotlib: it is an extra, kept out of the trainer's and the Docker image's dependencies) what to install."""
+    try:
+        import matplotlib
+    except ImportError:
+        return NO_MATPLOTLIB
 
     matplotlib.use("Agg")  # no display on a server or in CI
     import matplotlib.pyplot as plt

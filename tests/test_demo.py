@@ -47,3 +47,14 @@ def test_flux_demo_trains_and_renders_through_flux_pipeline(tmp_path):
 def test_demo_of_an_unknown_family_is_one_line(tmp_path):
     proc = run_cli("demo", "--family", "nope", "--output-dir", str(tmp_path / "demo"))
     assert proc.returncode == 2 and "no tiny model for 'nope'" in proc.stderr
+
+
+def test_loss_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    from lora_scripts.plots import plot_loss
+
+    (tmp_path / "loss.csv").write_text("step,epoch,loss,lr,elapsed_s\n1,1,0.5,0.001,0.1\n2,1,0.4,0.001,0.2\n")
+    assert plot_loss(tmp_path / "loss.csv").name == "loss.png"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the demo extra were not installed
+    assert "lora-scripts[demo]" in str(plot_loss(tmp_path / "loss.csv"))
