@@ -247,3 +247,16 @@ def test_estimate_of_the_shipped_sd35_large_config(root):
     proc = run_cli("estimate", "--config", str(root / "est.yaml"), "--vram", "80GB")
     assert proc.returncode == 0, proc.stderr[-2000:]
     print(proc.stdout)
+
+
+def test_dora_is_refused_before_training(tmp_path):
+    """SD3 has no DoRA export (diffusers' SD3 loader drops it): one line at `check`, not after a whole run."""
+    from lora_scripts.tiny_models import sd3 as tiny
+
+    model = tiny.make_tiny_model(tmp_path / "m")
+    data = make_captioned_images(tmp_path / "d", count=2)
+    raw = tiny_image_config(model, data, tmp_path / "o", use_dora=True)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    result = run_cli("check", "--config", str(tmp_path / "c.yaml"))
+    assert result.returncode == 2 and "use_dora" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -98,6 +98,12 @@ class SD3(TransformerFamily):
                 self._variant = _variant_of_config(base)
         return self._variant
 
+    def check_components(self) -> None:
+        super().check_components()
+        if self.cfg.use_dora:  # refused before training, not at export after it
+            raise ConfigError(f"use_dora: DoRA is not exported for {self.title} (diffusers' SD3 loader drops it); "
+                              "remove use_dora")
+
     def version_label(self, prediction_type: str | None) -> str:
         return "sd3.5" if self.variant.startswith("sd3.5") else "sd3"
 
