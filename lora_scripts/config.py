@@ -207,7 +207,10 @@ class TrainConfig(_Strict):
     # --- optimisation --------------------------------------------------------------------------------------------
     max_train_steps: int | None = Field(None, ge=1, description="Total optimizer steps; overrides epochs when set.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool | Literal["offload"] = Field(
+        False, description="Recompute activations in backward to save memory; `offload`: also keep the checkpointed "
+        "blocks' saved inputs in CPU memory until backward."
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision (fp16 needs a GPU).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm (null: no clipping).")
     lr_scheduler: Literal[
@@ -218,9 +221,12 @@ class TrainConfig(_Strict):
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    optimizer: Literal["adamw", "adafactor", "prodigy", "adamw8bit", "paged_adamw8bit"] = Field(
+    optimizer: Literal[
+        "adamw", "adafactor", "prodigy", "adamw8bit", "paged_adamw8bit", "came", "schedule_free_adamw"
+    ] = Field(
         "adamw", description="adamw (torch, fused on GPU); adafactor (transformers); prodigy (pip install prodigyopt; "
-        "use learning_rate 1.0); adamw8bit / paged_adamw8bit (bitsandbytes, CUDA only)."
+        "use learning_rate 1.0); adamw8bit / paged_adamw8bit (bitsandbytes, CUDA only); came (came-pytorch); "
+        "schedule_free_adamw (schedulefree)."
     )
     noise_offset: float = Field(0.0, ge=0, description="image: add offset noise (per channel) of this strength.")
     timestep_sampling: Literal["uniform", "logit_normal", "mode"] = Field(
@@ -250,6 +256,23 @@ class TrainConfig(_Strict):
     )
     text_encoder_lr: float | None = Field(
         None, gt=0, description="image: learning rate of the text-encoder LoRA (default: learning_rate)."
+    )
+    base_quantization: Literal["none", "fp8", "int8", "nf4"] = Field(
+        "none", description="The frozen base weights (image: denoiser and large text encoders; text: the LM) stored "
+        "quantised, the LoRA staying in full precision: fp8 / int8 weight-only, nf4 (bitsandbytes, CUDA only)."
+    )
+    blocks_to_swap: int = Field(
+        0, ge=0, description="image, transformer families: keep this many transformer blocks in (pinned) CPU memory "
+        "and copy each to the GPU just before it runs, one block prefetched on a side stream (block swap)."
+    )
+    memory_profile: Literal["manual", "auto"] = Field(
+        "manual", description="auto: at the start of train, apply the cheapest memory settings (quantisation, "
+        "blocks_to_swap, checkpointing, batch size with accumulation) that the estimate says fit this GPU; recorded "
+        "in the checkpoint so a resume keeps them."
+    )
+    fsdp: bool = Field(
+        False, description="Shard the frozen base across processes (accelerate's FSDP2) instead of replicating it "
+        "in each (DDP): for DiT families and LLMs too large for one device."
     )
     quantization: Literal["4bit"] | None = Field(
         None, description="text: QLoRA, the frozen base loaded in 4-bit NF4 (bitsandbytes, CUDA only); the export "
