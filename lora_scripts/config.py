@@ -258,8 +258,10 @@ class TrainConfig(_Strict):
         None, gt=0, description="image: learning rate of the text-encoder LoRA (default: learning_rate)."
     )
     base_quantization: Literal["none", "fp8", "int8", "nf4"] = Field(
-        "none", description="The frozen base weights (image: denoiser and large text encoders; text: the LM) stored "
-        "quantised, the LoRA staying in full precision: fp8 / int8 weight-only, nf4 (bitsandbytes, CUDA only)."
+        "none", description="The frozen base weights (image: denoiser and T5/Qwen text encoders, CLIP stays as is; "
+        "text: the LM but its output head) stored quantised, the LoRA staying in full precision: fp8 / int8 "
+        "weight-only per output channel (torchao, CPU and GPU: pip install 'lora-scripts[quant]'), nf4 (QLoRA's "
+        "4-bit NormalFloat, bitsandbytes, CUDA only)."
     )
     blocks_to_swap: int = Field(
         0, ge=0, description="image, transformer families: keep this many transformer blocks in (pinned) CPU memory "
@@ -275,8 +277,7 @@ class TrainConfig(_Strict):
         "in each (DDP): for DiT families and LLMs too large for one device."
     )
     quantization: Literal["4bit"] | None = Field(
-        None, description="text: QLoRA, the frozen base loaded in 4-bit NF4 (bitsandbytes, CUDA only); the export "
-        "merges into the de-quantised base."
+        None, description="The older spelling of base_quantization: nf4 (QLoRA); kept so existing configs run."
     )
     seed: int = Field(42, ge=0, description="Seed for LoRA initialisation, data order, noise and timesteps.")
 
@@ -330,6 +331,15 @@ class TrainConfig(_Strict):
                              "or remove conv_alpha")
         if self.conv_rank is not None and self.task != "image":
             raise ValueError("conv_rank (LoCon) is for the image task's UNet convs; remove it for task: text")
+        return self
+
+    @model_validator(mode="after")
+    def _older_quantization_spelling(self) -> "TrainConfig":
+        if self.quantization == "4bit":
+            if self.base_quantization not in ("none", "nf4"):
+                raise ValueError(f"quantization: 4bit (nf4) and base_quantization: {self.base_quantization} "
+                                 "disagree; keep base_quantization only")
+            object.__setattr__(self, "base_quantization", "nf4")
         return self
 
     @property

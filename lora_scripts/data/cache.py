@@ -25,10 +25,17 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     if config is not None:
         data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         digest.update(json.dumps(data, sort_keys=True, default=str).encode())
+    from ..models.quantize import storage_tensors
+
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())
-        # the bytes in place (no .tobytes() copy): about 2 s for SD1.5's VAE + text encoder instead of 3
-        digest.update(memoryview(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy()))
+        # a quantised weight (base_quantization) is hashed as what it stores, with its kind: a quantised T5's
+        # embeddings are not the full-precision one's
+        if type(tensor) is not torch.Tensor:
+            digest.update(type(tensor).__name__.encode())
+        for stored in storage_tensors(tensor.detach()):
+            # the bytes in place (no .tobytes() copy): about 2 s for SD1.5's VAE + text encoder instead of 3
+            digest.update(memoryview(stored.to("cpu").contiguous().view(torch.uint8).numpy()))
     return digest.hexdigest()
 
 

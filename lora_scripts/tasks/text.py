@@ -34,6 +34,7 @@ from ..data.text import (
 )
 from ..errors import ConfigError
 from ..lora import make_lora_config
+from ..models.quantize import check_base_quantization, quantize_frozen
 from .base import DataSummary, RunInfo, SampleKey, Task, require_hub_id
 
 # Attention projections per model family (what most LLM LoRA recipes target by default).
@@ -86,17 +87,6 @@ def portable_base_name(base_model: str) -> str:
     return path.resolve().name
 
 
-def check_qlora_environment() -> None:
-    """QLoRA needs a CUDA GPU and bitsandbytes: refuse in one line before anything is loaded."""
-    if not torch.cuda.is_available():
-        raise ConfigError("quantization: 4bit (QLoRA) needs a CUDA GPU (bitsandbytes); remove quantization to train "
-                          "in full precision on this machine")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ConfigError("quantization: 4bit needs bitsandbytes (pip install bitsandbytes)") from None
-
-
 def qlora_config(compute_dtype: torch.dtype):
     """The QLoRA paper's settings: NF4 weights, double quantisation, compute in the run's precision (bf16 default)."""
     from transformers import BitsAndBytesConfig
@@ -117,8 +107,7 @@ class TextTask(Task):
         from ..config import check_environment
 
         check_environment(self.cfg)
-        if self.cfg.quantization is not None:
-            check_qlora_environment()
+        check_base_quantization(self.cfg)
         _hub_or_folder(self.cfg.base_model, "base_model", "config.json")
         if self.cfg.network_weights is not None and not (Path(self.cfg.network_weights) / "adapter_config.json").is_file():
             raise ConfigError(f"network_weights: '{self.cfg.network_weights}' is not a PEFT adapter folder "
@@ -220,22 +209,28 @@ class TextTask(Task):
         from transformers import AutoModelForCausalLM
 
         cfg = self.cfg
-        quantized = cfg.quantization == "4bit"
+        # nf4 (QLoRA) through transformers' own bitsandbytes loading; int8 / fp8 quantised after loading by
+        # models/quantize.py, as the image task does
+        nf4 = cfg.base_quantization == "nf4"
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 cfg.base_model, dtype=weight_dtype, trust_remote_code=cfg.trust_remote_code,
-                **({"quantization_config": qlora_config(weight_dtype), "device_map": {"": device}} if quantized else {}),
+                **({"quantization_config": qlora_config(weight_dtype), "device_map": {"": device}} if nf4 else {}),
             )
         except (OSError, ValueError) as exc:
             raise _load_error("base_model", cfg.base_model, exc) from None
         model.requires_grad_(False)
-        if quantized:
+        if nf4:
             from peft import prepare_model_for_kbit_training
 
             # casts norms to fp32 and makes inputs require grad, as QLoRA needs (and gradient checkpointing, if set)
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
         else:
-            model.to(device)
+            # the output head stays in full precision, as QLoRA keeps it (it is tied to the input embeddings in
+            # many small models, and the logits are what the loss reads)
+            head = model.get_output_embeddings()
+            skip = tuple(name for name, module in model.named_modules() if module is head)
+            quantize_frozen(model, cfg.base_quantization, device, weight_dtype, skip=skip)
         self.device = device
         if cfg.network_weights is not None:
             model = PeftModel.from_pretrained(model, str(cfg.network_weights), is_trainable=True)
@@ -385,6 +380,8 @@ class TextTask(Task):
             print(f"warning: {warning}", file=sys.stderr)
         local = Path(self.cfg.base_model).expanduser()
         provenance = {**run.provenance(), "steps": run.steps, "base_model": self.cfg.base_model,
+                      # how the base was stored while training; export --merge merges into the full-precision base
+                      "base_quantization": self.cfg.base_quantization,
                       "base_model_path": str(local.resolve()) if local.is_dir() else None,
                       "warnings": self.export_warnings()}
         (adapter_dir / "lora_scripts.json").write_text(json.dumps(provenance, indent=2), encoding="utf-8")

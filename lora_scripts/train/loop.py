@@ -6,8 +6,10 @@ Features and the config keys that control them:
 - gradient accumulation ...... ``gradient_accumulation_steps`` (loss normalised over the whole accumulated batch)
 - gradient checkpointing ..... ``gradient_checkpointing``
 - gradient clipping .......... ``max_grad_norm``
-- optimizer / schedule ....... AdamW (``learning_rate``, ``weight_decay``, ``adam_*``), ``lr_scheduler``,
-  ``lr_warmup_steps``
+- optimizer / schedule ....... ``optimizer`` (AdamW by default: ``learning_rate``, ``weight_decay``, ``adam_*``),
+  ``lr_scheduler``, ``lr_warmup_steps``; schedule-free optimizers are switched to their evaluation weights for
+  evaluation, samples, checkpoints and export, and back before each step
+- quantised frozen base ....... ``base_quantization`` (done by the task when it loads the model; recorded here)
 - length ..................... ``epochs`` or ``max_train_steps``
 - checkpoints / resume ....... ``save_steps``, ``keep_last_checkpoints``, ``resume: latest | PATH``
 - logging .................... ``logging.*``: TensorBoard, ``loss.csv``, W&B; a progress bar with loss, it/s, ETA
@@ -49,7 +51,7 @@ from .checkpoint import (
     temp_checkpoint_dir,
 )
 from .logs import TrainingLogger, peak_memory_mb
-from .optim import make_optimizer
+from .optim import has_eval_mode, make_optimizer
 from .signals import StopRequest
 
 
@@ -122,7 +124,7 @@ class Trainer:
         cfg = self.cfg
         self.task: Task = make_task(cfg)
         self.task.check_base_model()
-        if cfg.optimizer in ("adamw8bit", "paged_adamw8bit", "prodigy"):
+        if cfg.optimizer in ("adamw8bit", "paged_adamw8bit", "prodigy", "came", "schedule_free_adamw"):
             make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])  # refuses at once if it cannot run here
         self.data = self.task.check_data()
         self.resume_from = _resolve_resume(cfg, self.checkpoint_root)
@@ -186,6 +188,8 @@ class Trainer:
         # N processes see a different schedule than one.
         self.lr_scheduler = _make_scheduler(cfg, optimizer, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # schedule-free optimizers start with their evaluation weights in place (== the initial weights)
+        self._weights = "eval" if has_eval_mode(self.optimizer) else "train"
         self.dataset = self.task.dataset(self.data)
         self.val_dataset = self.task.validation_dataset()
 
@@ -237,6 +241,18 @@ class Trainer:
         if not rank_file.exists():
             rank_file = path / "rng_state_0.pt"
         _set_rng_states(torch.load(rank_file, map_location="cpu", weights_only=False))
+
+    # --- the optimizer's two sets of weights (schedule-free) ------------------------------------------------------
+    def _use_weights(self, mode: str) -> None:
+        """Put the optimizer's ``train`` or ``eval`` weights into the model (a no-op for optimizers with one set).
+
+        Steps need the train weights; evaluation, samples, checkpoints and the export the eval weights. Switching
+        only when the mode changes keeps the float round trips the same in a resumed run as in an uninterrupted
+        one: a checkpoint holds the eval weights, the optimizer in eval mode, and both runs switch to train from
+        there."""
+        if self._weights != mode:
+            self.optimizer.train() if mode == "train" else self.optimizer.eval()
+            self._weights = mode
 
     # --- checkpoints ---------------------------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:
@@ -394,6 +410,7 @@ class Trainer:
                     )
                     loader_iter, loader_epoch = iter(loader), epoch
                 t0 = time.perf_counter()
+                self._use_weights("train")
                 micro = [next(loader_iter) for _ in range(cfg.gradient_accumulation_steps)]
                 try:
                     loss, stop_agreed = self._train_step(micro, stop_here=stop.signal_name is not None)
@@ -409,6 +426,10 @@ class Trainer:
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1, refresh=False)
                 is_save = bool(cfg.save_steps) and step % cfg.save_steps == 0 and step < self.total_steps
                 is_last = step == self.total_steps
+                every = cfg.sample_every_n_steps
+                is_sample = bool(cfg.sample_prompts) and (is_last or (step % every == 0 if every else is_save))
+                if is_save or is_last or is_sample or stop_agreed:
+                    self._use_weights("eval")
                 eval_loss = self._evaluate() if (is_save or is_last) else None
                 if logger is not None and (
                     step % cfg.logging.log_every_n_steps == 0 or is_last or eval_loss is not None
@@ -418,8 +439,7 @@ class Trainer:
                     progress.write(f"step {step}: eval loss {eval_loss:.4f}")
                 if is_save:
                     last_checkpoint = self.save_checkpoint(step)
-                every = cfg.sample_every_n_steps
-                if is_last or (step % every == 0 if every else is_save):
+                if is_sample:
                     self._log_samples(logger, step)
                 step_ends.append((time.perf_counter(), time.process_time()))
                 if not is_last and stop_agreed:
@@ -434,6 +454,7 @@ class Trainer:
                     print(f"stopped by {interrupted} after step {step}; checkpoint {last_checkpoint} is complete. "
                           "Run the same command with --resume latest to continue.")
             else:
+                self._use_weights("eval")
                 if step > start_step or last_checkpoint is None:
                     last_checkpoint = self.save_checkpoint(step)
                 files = self._export(step)
@@ -515,6 +536,9 @@ class Trainer:
             "resumed_from": str(result.resumed_from) if result.resumed_from else None,
             "dataset_hash": self.data.dataset_hash,
             "lora_scripts_version": __version__,
+            # how the frozen base was stored while training (the LoRA itself is always full precision)
+            "base_quantization": self.cfg.base_quantization,
+            "optimizer": self.cfg.optimizer,
             "files": [str(f) for f in result.files],
             "warnings": self.task.export_warnings(),
         }

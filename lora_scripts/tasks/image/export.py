@@ -53,6 +53,7 @@ def export_image_lora(task: Any, model: torch.nn.Module, output_dir: Path, run: 
             "ss_num_epochs": str(cfg.epochs),
             "ss_batch_size_per_device": str(cfg.batch_size),
             "ss_prediction_type": prediction_type,
+            "lora_scripts_base_quantization": cfg.base_quantization,  # how the base was stored while training
             **modelspec_metadata(family, cfg, run),
             **run.provenance(),
         },

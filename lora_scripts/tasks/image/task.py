@@ -1,6 +1,7 @@
 """Image LoRA through peft on the denoiser of any model family (``families/``): the UNet of SD 1.x/2.x/SDXL or the
 transformer of SD3, FLUX.1, Chroma, Qwen-Image, Z-Image; with ``train_text_encoder``, also the CLIP text encoders
-where the family has them. The VAE and the large text encoders (T5, Qwen) stay frozen.
+where the family has them. The VAE and the large text encoders (T5, Qwen) stay frozen; with ``base_quantization``
+the denoiser and those large encoders are stored quantised (``models/quantize.py``), CLIP and the VAE are not.
 
 Loss: per-sample MSE between the denoiser's output and the family's objective's target (DDPM epsilon/v, or
 flow-matching velocity), times the objective's per-sample weight. Every random draw for a sample (crop, flip, VAE
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ...errors import ConfigError
+from ...models.quantize import check_base_quantization, quantize_frozen
 from ...lora import effective_alpha, effective_conv_alpha, make_lora_config, make_unet_lora_config
 from ..base import DataSummary, RunInfo, Task
 from .data import ImageCaches, ImageCaptionDataset, build_caches
@@ -82,8 +84,7 @@ class ImageTask(Task):
         if cfg.network_weights is not None and not Path(cfg.network_weights).expanduser().exists():
             raise ConfigError(f"network_weights not found: '{cfg.network_weights}' (a kohya or diffusers .safetensors "
                               "LoRA, or a PEFT adapter folder)")
-        if cfg.quantization is not None:
-            raise ConfigError("quantization: 4-bit QLoRA is for the text task; remove it for task: image")
+        check_base_quantization(cfg)
         if cfg.cache_latents and (cfg.random_crop or cfg.random_flip):
             raise ConfigError("cache_latents: cached latents cannot be re-cropped or flipped; turn off random_crop "
                               "and random_flip, or cache_latents")
@@ -224,9 +225,16 @@ class ImageTask(Task):
     def load_model(self, device: torch.device, weight_dtype: torch.dtype) -> torch.nn.Module:
         components = self._load_components()
         family = self.family
+        kind = self.cfg.base_quantization
+        quantized = {id(m) for m in quantized_modules(components)} if kind != "none" else set()
         for module in (*components.text_encoders, components.vae, components.denoiser):
             module.requires_grad_(False)
-            module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
+            if id(module) in quantized:  # cast on the CPU, then quantised layer by layer onto the device
+                if weight_dtype != torch.float32:
+                    module.to(dtype=weight_dtype)
+                quantize_frozen(module, kind, device, weight_dtype)
+            else:
+                module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
             module.eval()
         self.components, self.device = components, device
         self._objective = family.objective(components.scheduler)
@@ -438,6 +446,14 @@ class ImageTask(Task):
         from .export import export_image_lora
 
         return export_image_lora(self, model, output_dir, run)
+
+
+def quantized_modules(components: Components) -> list[torch.nn.Module]:
+    """What ``base_quantization`` stores quantised: the denoiser and the large text encoders (T5, Qwen: every one
+    that is not CLIP). CLIP encoders (123 M / 695 M parameters) stay as they are: they are small next to the
+    denoiser, and they are the ones ``train_text_encoder`` adapts."""
+    encoders = [e for e in components.text_encoders if not type(e).__name__.startswith("CLIP")]
+    return [components.denoiser, *encoders]
 
 
 class _Released(torch.nn.Module):
