@@ -44,7 +44,7 @@ def check_base_quantization(cfg: Any) -> None:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise ConfigError(f"{_spelling(cfg)} needs bitsandbytes (pip install 'lora-scripts[nf4]')") from None
+            raise ConfigError(f"{_spelling(cfg)} needs bitsandbytes (pip install 'lora-scripts[bnb]')") from None
         return
     try:
         import torchao.quantization  # noqa: F401

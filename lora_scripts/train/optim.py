@@ -62,7 +62,7 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter] | list[dic
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise ConfigError(f"optimizer: {cfg.optimizer} needs bitsandbytes (pip install bitsandbytes)") from None
+        raise ConfigError(f"optimizer: {cfg.optimizer} needs bitsandbytes (pip install 'lora-scripts[bnb]')") from None
     cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
     return cls(params, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
 

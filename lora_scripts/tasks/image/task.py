@@ -158,7 +158,8 @@ class ImageTask(Task):
         if cfg.val_data is not None:
             from ...data.check import check_images
 
-            val = check_images(cfg.val_data, None, cfg.resolution, cfg.caption_source)
+            # captions as for train_data_dir: its metadata.csv, else metadata.jsonl or sidecar files
+            val = check_images(cfg.val_data, Path(cfg.val_data) / "metadata.csv", cfg.resolution, cfg.caption_source)
             raise_for_errors(val)
             self._val = (list(val.samples), list(val.sizes))
         elif cfg.val_size > 0:
