@@ -3,13 +3,14 @@
     python benchmarks/gpu_check.py              # on one CUDA GPU; writes the GPU tables in docs/BENCHMARKS.md
     python benchmarks/gpu_check.py --dry-run    # on CPU: tiny shapes, 2 steps per case, the same code path
 
-Cases: image LoRA on SD1.5- and SDXL-shaped random-weight models at 512 / 1024 px in fp16 (grad scaler) and bf16;
-text LoRA on a ~1.1B LLaMA-shaped (TinyLlama) model in bf16, QLoRA nf4, 8-bit AdamW, packing (SDPA); a FLUX-shaped
-model (FLUX.1-dev widths, fewer blocks). For each: steps/s, images or tokens per second, whether the loss is finite
-and falls (mean of the last third of the steps below the first third) on the demo concept (``in zkq style`` /
-pirate answers), ``torch.cuda.max_memory_allocated`` against ``estimate_memory`` (``lora-scripts estimate``).
-Every case is trained by the project's own ``train()`` from a config, as a user's run is; random weights are
-built directly on the GPU and saved in half precision so nothing is downloaded. fp8 and block swap are not built.
+Cases: image LoRA on SD1.5- and SDXL-shaped random-weight models at 512 / 1024 px in fp16 (grad scaler) and bf16; text
+LoRA on a ~1.1B LLaMA-shaped (TinyLlama) model in bf16, QLoRA nf4, 8-bit AdamW, packing (SDPA); a FLUX-shaped model
+(FLUX.1-dev widths, fewer blocks), also with its base (transformer and T5) stored as int8, fp8 and nf4
+(``base_quantization``). For each: steps/s, images or tokens per second, whether the loss is finite and falls (mean of
+the last third of the steps below the first third) on the demo concept (``in zkq style`` / pirate answers),
+``torch.cuda.max_memory_allocated`` against ``estimate_memory`` (``lora-scripts estimate``). Every case is trained by
+the project's own ``train()`` from a config, as a user's run is; random weights are built directly on the GPU and
+saved in half precision so nothing is downloaded. Block swap is not built.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from benchmarks.speed_common import machine_info, write_section  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "lora_scripts" / "models" / "configs"
 BUDGET_S = 7.5 * 60  # the whole command, cases after it are reported as not run
-NOT_BUILT = ("FLUX fp8 base weights", "FLUX block swap")
+NOT_BUILT = ("FLUX block swap",)
 
 
 @dataclass
@@ -67,6 +68,11 @@ def cases(dry: bool) -> list[Case]:
              gradient_checkpointing=True), steps=steps),
         Case("FLUX-shaped 1024 px bf16", "image", "flux", dict(resolution=xl, batch_size=1, mixed_precision=bf16,
              gradient_checkpointing=True, text_max_length=16 if dry else 128), steps=steps),
+        *[Case(f"FLUX {kind} base weights", "image", "flux", dict(
+            resolution=xl, batch_size=1, mixed_precision=bf16, gradient_checkpointing=True,
+            text_max_length=16 if dry else 128, base_quantization=kind),
+            cuda_only="bitsandbytes 4-bit needs CUDA" if kind == "nf4" else None, steps=steps)
+          for kind in ("int8", "fp8", "nf4")],
         Case("LLaMA 1.1B bf16", "text", "llama", dict(mixed_precision=bf16, batch_size=8, max_seq_length=seq),
              steps=steps),
         Case("LLaMA 1.1B QLoRA nf4", "text", "llama", dict(mixed_precision=bf16, batch_size=8, max_seq_length=seq,
