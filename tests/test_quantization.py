@@ -24,7 +24,7 @@ from safetensors import safe_open
 from lora_scripts.config import build_config
 from lora_scripts.testing import make_captioned_images, make_instruction_data, make_tiny_causal_lm, tiny_image_config
 
-from .helpers import assert_same_tensors, run_cli
+from .helpers import assert_same_tensors, run_cli, run_torchrun
 from .test_family_flux import DOUBLE_BLOCK_TARGETS
 
 TOLERANCE = {"int8": 0.01, "fp8": 0.05}
@@ -111,6 +111,19 @@ def test_sd1_int8_resume_is_exact(make_cfg, tmp_path):
     assert result.resumed_from.name == "step-2"
     assert_same_tensors(tmp_path / "straight/checkpoints/step-4/adapter.safetensors",
                         tmp_path / "split/checkpoints/step-4/adapter.safetensors")
+
+
+def test_sd1_int8_two_processes_equal_one(write_config, tmp_path):
+    """DDP leaves the quantised weights out of its start-up broadcast (it cannot flatten them; every process
+    quantised the same weights alike): two processes of batch 1 train what one of batch 2 does."""
+    from lora_scripts.config import load_config
+    from lora_scripts.train.loop import train
+
+    train(load_config(write_config("one.yaml", output="one", base_quantization="int8", batch_size=2)),
+          show_progress=False)
+    result = run_torchrun(write_config("two.yaml", output="two", base_quantization="int8", batch_size=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_tensors(tmp_path / "one/one.safetensors", tmp_path / "two/two.safetensors", atol=1e-6)
 
 
 # --- FLUX.1 ---------------------------------------------------------------------------------------------------------

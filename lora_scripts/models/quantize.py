@@ -137,3 +137,13 @@ def parameter_bytes(module: torch.nn.Module) -> int:
     """Bytes the parameters and buffers of ``module`` occupy as stored (quantised ones at their packed size)."""
     return sum(inner.numel() * inner.element_size()  # parameters() already lists a tied weight once
                for tensor in [*module.parameters(), *module.buffers()] for inner in storage_tensors(tensor.data))
+
+
+def skip_quantized_in_ddp(module: torch.nn.Module) -> None:
+    """Tell DDP not to broadcast the quantised weights of ``module`` (the module it will wrap) at start-up: its
+    broadcast flattens every parameter, which torchao's tensors do not support, and every process quantised the same
+    weights the same way already. Only trainable parameters are synchronised after that, as before."""
+    names = [name for name, param in module.named_parameters() if is_quantized_weight(param)]
+    if names:
+        ignored = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+        module._ddp_params_and_buffers_to_ignore = ignored + names  # torch DDP's own hook for this

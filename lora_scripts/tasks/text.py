@@ -34,7 +34,7 @@ from ..data.text import (
 )
 from ..errors import ConfigError
 from ..lora import make_lora_config
-from ..models.quantize import check_base_quantization, quantize_frozen
+from ..models.quantize import check_base_quantization, quantize_frozen, skip_quantized_in_ddp
 from .base import DataSummary, RunInfo, SampleKey, Task, require_hub_id
 
 # Attention projections per model family (what most LLM LoRA recipes target by default).
@@ -244,6 +244,7 @@ class TextTask(Task):
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
+        skip_quantized_in_ddp(model)
         self.model = model
         return model
 

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ...errors import ConfigError
-from ...models.quantize import check_base_quantization, quantize_frozen
+from ...models.quantize import check_base_quantization, quantize_frozen, skip_quantized_in_ddp
 from ...lora import effective_alpha, effective_conv_alpha, make_lora_config, make_unet_lora_config
 from ..base import DataSummary, RunInfo, Task
 from .data import ImageCaches, ImageCaptionDataset, build_caches
@@ -252,6 +252,7 @@ class ImageTask(Task):
                               f"{family.title} {family.denoiser_name}")
         for encoder in network.text_encoders:
             encoder.train()  # dropout in the LoRA branch (CLIP's own dropout is 0)
+        skip_quantized_in_ddp(network)
         self.network = network
         if self.cfg.cache_latents or self.cfg.cache_text_embeddings:
             self._caches = build_caches(self.cfg, self._samples, self._hashes, self._buckets, components.vae,
