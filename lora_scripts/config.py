@@ -225,8 +225,8 @@ class TrainConfig(_Strict):
         "adamw", "adafactor", "prodigy", "adamw8bit", "paged_adamw8bit", "came", "schedule_free_adamw"
     ] = Field(
         "adamw", description="adamw (torch, fused on GPU); adafactor (transformers); prodigy (pip install prodigyopt; "
-        "use learning_rate 1.0); adamw8bit / paged_adamw8bit (bitsandbytes, CUDA only); came (came-pytorch); "
-        "schedule_free_adamw (schedulefree)."
+        "use learning_rate 1.0); adamw8bit / paged_adamw8bit (bitsandbytes, CUDA only); came (came-pytorch) and "
+        "schedule_free_adamw (schedulefree; keep lr_scheduler constant), both pip install 'lora-scripts[optim]'."
     )
     noise_offset: float = Field(0.0, ge=0, description="image: add offset noise (per channel) of this strength.")
     timestep_sampling: Literal["uniform", "logit_normal", "mode"] = Field(

@@ -84,10 +84,12 @@ def test_sd1_quantised_base_trains_close_to_unquantised_and_exports_load(tiny_sd
                                                                          kind):
     from diffusers import StableDiffusionPipeline
 
-    losses, evals = _train(tmp_path, _sd_config(tiny_sd, sd_data, tmp_path / kind, base_quantization=kind), kind,
-                           cli=kind == "int8")
+    samples = [{"prompt": "a red circle", "steps": 2}]  # rendered by the pipeline over the quantised UNet
+    losses, evals = _train(tmp_path, _sd_config(tiny_sd, sd_data, tmp_path / kind, base_quantization=kind,
+                                                sample_prompts=samples), kind, cli=kind == "int8")
     _assert_close_and_learning(losses, evals, sd_reference, kind)
     out = tmp_path / kind
+    assert list((out / "samples").glob("*.png"))
     assert json.loads((out / "training_summary.json").read_text())["base_quantization"] == kind
     with safe_open(str(out / f"{kind}.safetensors"), "pt") as f:
         assert f.metadata()["lora_scripts_base_quantization"] == kind
