@@ -335,3 +335,18 @@ def test_every_other_family_takes_a_step_on_an_int8_base(tiny_sdxl, tmp_path, fa
     loss.backward()
     grads = [p.grad for n, p in network.named_parameters() if "lora_B" in n]
     assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_cache_keys_tell_a_quantised_encoder_from_the_full_precision_one(tiny_flux):
+    """cache_text_embeddings keys include the encoder's weights as stored: a shared cache_dir never hands int8-T5
+    embeddings to a full-precision run (or fp8 ones to an int8 run)."""
+    from transformers import T5EncoderModel
+
+    from lora_scripts.data.cache import module_fingerprint
+    from lora_scripts.models.quantize import quantize_frozen
+
+    keys = []
+    for kind in ("none", "int8", "fp8", "int8"):
+        encoder = T5EncoderModel.from_pretrained(tiny_flux / "text_encoder_2")
+        keys.append(module_fingerprint(quantize_frozen(encoder, kind, torch.device("cpu"), torch.float32)))
+    assert len(set(keys[:3])) == 3 and keys[1] == keys[3]  # and quantising is deterministic
