@@ -113,7 +113,23 @@ class TrainConfig(_Strict):
     )
     use_dora: bool = Field(
         False, description="DoRA (weight-decomposed LoRA): also train a per-output-channel magnitude; exported with "
-        "kohya/LyCORIS `dora_scale` keys (ComfyUI loads them; diffusers' SD loaders drop them)."
+        "kohya/LyCORIS `dora_scale` keys. Only LyCORIS reproduces the trained result; ComfyUI, A1111 and sd-scripts "
+        "load the file but apply it differently (a warning at export says how), diffusers' SD loaders drop "
+        "`dora_scale`."
+    )
+    network_type: Literal["lora", "loha", "lokr"] = Field(
+        "lora", description="image: the adapter, all through peft: `lora`; `loha` (LyCORIS LoHa, Hadamard product of "
+        "two rank-`lora_rank` pairs); `lokr` (LyCORIS LoKr, Kronecker product). LoHa/LoKr are exported in LyCORIS's "
+        "key layout (`ss_network_module: lycoris.kohya`): LyCORIS, ComfyUI and A1111 load them; sd-scripts' "
+        "networks.lora and diffusers' SD loaders do not."
+    )
+    lokr_factor: int = Field(
+        -1, description="image, network_type lokr: LyCORIS's `factor`: split each dimension into factor x rest "
+        "(-1: as square as possible)."
+    )
+    lokr_decompose_both: bool = Field(
+        False, description="image, network_type lokr: LyCORIS's `decompose_both`: low-rank factor the smaller "
+        "Kronecker factor (lokr_w1_a/b) too."
     )
     conv_rank: int | None = Field(
         None, ge=1, le=1024, description="image: LoCon: also put LoRA of this rank on the UNet's ResNet 3x3 convs "
@@ -330,6 +346,20 @@ class TrainConfig(_Strict):
                              "or remove conv_alpha")
         if self.conv_rank is not None and self.task != "image":
             raise ValueError("conv_rank (LoCon) is for the image task's UNet convs; remove it for task: text")
+        if self.network_type != "lora":
+            kind = self.network_type
+            if self.task != "image":
+                raise ValueError(f"network_type: {kind} is for the image task; use lora for task: text")
+            for key, bad in (("use_dora", self.use_dora), ("use_rslora", self.use_rslora),
+                             ("lora_dropout", self.lora_dropout > 0)):
+                if bad:
+                    raise ValueError(f"{key}: peft's {'LoKr' if kind == 'lokr' else 'LoHa'} has no {key}; "
+                                     f"remove it or use network_type: lora")
+        if self.network_type != "lokr" and ("lokr_factor" in self.model_fields_set
+                                            or "lokr_decompose_both" in self.model_fields_set):
+            raise ValueError("lokr_factor / lokr_decompose_both are LoKr options; set network_type: lokr or remove them")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ValueError(f"lokr_factor: {self.lokr_factor} is not a factor; use -1 or a positive integer")
         return self
 
     @property

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ...errors import ConfigError
-from ...lora import effective_alpha, effective_conv_alpha, make_lora_config, make_unet_lora_config
+from ...lora import effective_alpha, effective_conv_alpha, make_image_adapter_config, make_unet_lora_config
 from ..base import DataSummary, RunInfo, Task
 from .data import ImageCaches, ImageCaptionDataset, build_caches
 from .families import Family, detect_folder, family_class, resolve_family
@@ -108,6 +108,10 @@ class ImageTask(Task):
         if cfg.train_text_encoder and not family.text_encoder_lora:
             raise ConfigError(f"train_text_encoder: {family.title}'s text encoder stays frozen here (T5 and Qwen "
                               "encoders are too large to adapt usefully); remove train_text_encoder")
+        if cfg.network_type != "lora" and family.denoiser_name != "unet":
+            raise ConfigError(f"network_type: {cfg.network_type} is exported in LyCORIS's kohya layout, which names UNet "
+                              f"modules; {family.title}'s single-file layout fuses q/k/v, which a Hadamard or "
+                              "Kronecker product cannot be split into; use network_type: lora")
         if cfg.conv_rank is not None and family.denoiser_name != "unet":
             raise ConfigError(f"conv_rank: LoCon adapts UNet convolutions; {family.title} is a transformer, remove "
                               "conv_rank")
@@ -217,7 +221,7 @@ class ImageTask(Task):
         trained = []
         for index, encoder in enumerate(components.text_encoders):
             if cfg.train_text_encoder and index in family.text_encoder_lora:
-                encoder.add_adapter(make_lora_config(cfg, CLIP_TARGETS))
+                encoder.add_adapter(make_image_adapter_config(cfg, CLIP_TARGETS))
                 trained.append(encoder)
         return LoRANetwork(denoiser, trained, family, list(components.text_encoders))
 
@@ -433,6 +437,11 @@ class ImageTask(Task):
             return {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(module).items()}
 
         return {name: state(module) for name, module in self.lora_modules(model).items()}
+
+    def export_warnings(self) -> list[str]:
+        from ...lora import image_export_warnings
+
+        return image_export_warnings(self.cfg)
 
     def export(self, model: torch.nn.Module, output_dir: Path, run: RunInfo) -> list[Path]:
         from .export import export_image_lora
