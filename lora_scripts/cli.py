@@ -278,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="base model (default: the adapter's base_model_name_or_path)")
     p.set_defaults(func=cmd_export)
 
+    from .lora_tools.cli import add_lora_parser
+
+    add_lora_parser(sub)
+
     p = sub.add_parser("demo", help="train a tiny built-in model on built-in data (no downloads)")
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 200 image, 60 text)")
