@@ -234,3 +234,35 @@ def test_bad_files_are_one_line_errors(loras, tiny_sd, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err and words in err, (argv, err)
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr", "dora"])
+def test_merge_into_base_fuses_lycoris_and_dora_files_exactly(variant, loras, tiny_sd, tmp_path):
+    """LoHa / LoKr (LyCORIS layout) and DoRA (kohya dora_scale) merged into the base equal the peft adapters they
+    were written from: the DoRA result LyCORIS reproduces, not ComfyUI's or A1111's."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoHaConfig, LoKrConfig
+
+    from lora_scripts.export.lycoris import adapter_scales, lycoris_state_dict
+
+    torch.manual_seed(2)
+    pipe = _pipe(tiny_sd)
+    if variant == "dora":
+        pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=UNET, init_lora_weights=False, use_dora=True))
+        with torch.no_grad():
+            for name, param in pipe.unet.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    param.mul_(1.5)
+        tensors = kohya_state_dict({"unet": get_peft_model_state_dict(pipe.unet)}, family="sd1", alpha=2.0)
+    else:
+        config = (LoHaConfig(r=2, alpha=1, target_modules=UNET, init_weights=False) if variant == "loha" else
+                  LoKrConfig(r=2, alpha=1, target_modules=UNET, init_weights=False, decompose_factor=4))
+        pipe.unet.add_adapter(config)
+        tensors = lycoris_state_dict({"unet": get_peft_model_state_dict(pipe.unet)}, adapter_scales({"unet": pipe.unet}),
+                                     family="sd1", unet_config=pipe.unet.config)
+    write_kohya_lora(tmp_path / "l.safetensors", tensors, {})
+    out = tmp_path / "merged.safetensors"
+    assert main(["lora", "merge", str(tmp_path / "l.safetensors"), "--into", str(tiny_sd), "--output", str(out)]) == 0
+    merged = StableDiffusionPipeline.from_single_file(str(out), config=str(tiny_sd), local_files_only=True,
+                                                      safety_checker=None, requires_safety_checker=False)
+    _close(_outputs(merged), _outputs(pipe), atol=1e-5)
