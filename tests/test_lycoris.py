@@ -39,7 +39,7 @@ def _train(model, tmp, **overrides) -> Trainer:
 def trained(request, tiny_sd, tmp_path_factory):
     extra = {"lokr_factor": 4} if request.param == "lokr" else {}
     return _train(tiny_sd, tmp_path_factory.mktemp(request.param), network_type=request.param,
-                  train_text_encoder=True, text_encoder_lr=1e-2, **extra)
+                  train_text_encoder=True, text_encoder_lr=1e-2, conv_rank=2, conv_alpha=1, **extra)
 
 
 def _inputs():
@@ -74,6 +74,7 @@ def test_lycoris_applies_the_trained_loha_lokr(trained, tiny_sd, monkeypatch):
     assert ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"} if algo == "loha"
             else {"lokr_w1", "alpha"}) <= kinds
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in keys)
+    assert any(k.startswith("lora_unet_down_blocks_0_resnets_0_conv1.") for k in keys)  # conv_rank: the 3x3 convs
     assert not (trained.cfg.output_dir / "diffusers").exists()
     summary = json.loads((trained.cfg.output_dir / "training_summary.json").read_text())
     assert any("LyCORIS, ComfyUI and A1111" in w for w in summary["warnings"])
@@ -105,7 +106,7 @@ def test_loha_lokr_continue_from_their_file(trained, tiny_sd, tmp_path):
     extra = {"lokr_factor": cfg.lokr_factor} if cfg.network_type == "lokr" else {}
     data = make_captioned_images(tmp_path / "data", count=2)
     again = build_config(tiny_image_config(tiny_sd, data, tmp_path / "again", network_type=cfg.network_type,
-                                           train_text_encoder=True, lora_alpha=1,
+                                           train_text_encoder=True, lora_alpha=1, conv_rank=2,
                                            network_weights=str(cfg.output_dir / "lora.safetensors"), **extra))
     task = make_task(again)
     task.check_base_model()
@@ -122,7 +123,7 @@ def test_a_lycoris_file_needs_the_matching_network_type(trained, tiny_sd, tmp_pa
     path = trained.cfg.output_dir / "lora.safetensors"
     other = "lokr" if trained.cfg.network_type == "loha" else "loha"
     for network_type in ("lora", other):
-        config = write_config(f"{network_type}.yaml", network_type, network_weights=str(path),
+        config = write_config(f"{network_type}.yaml", network_type, network_weights=str(path), conv_rank=2,
                               network_type=network_type, train_text_encoder=True,
                               max_train_steps=1)
         proc = run_cli("train", "--config", str(config), "--no-progress")
