@@ -22,12 +22,14 @@ def _plain(items: Any, **_: Any) -> Any:
     return items
 
 
-def _metadata(source: LoraFile, tool: dict[str, Any], *, lycoris: bool | None = None) -> dict[str, str]:
-    meta = {k: v for k, v in source.metadata.items() if k != "sshs_model_hash" and k != "lora_adapter_metadata"}
+def _metadata(source: LoraFile, tool: dict[str, Any], *, plain_lora: bool = False) -> dict[str, str]:
+    """The source's metadata (its hash and diffusers' adapter config dropped), the family, and ``tool``. With
+    ``plain_lora`` (the output holds LoRA modules only) a LyCORIS source's network module and args are dropped."""
+    meta = {k: v for k, v in source.metadata.items() if k not in ("sshs_model_hash", "lora_adapter_metadata")}
     meta.setdefault("ss_network_module", "networks.lora")
-    if lycoris is False:
+    if plain_lora and meta["ss_network_module"].startswith("lycoris"):
         meta["ss_network_module"] = "networks.lora"
-        meta.pop("ss_network_args", None) if "algo" in meta.get("ss_network_args", "") else None
+        meta.pop("ss_network_args", None)
     if source.family:
         meta.setdefault("lora_scripts_model_family", source.family)
     meta["lora_scripts_tool"] = json.dumps(tool)
@@ -103,7 +105,7 @@ def resize(path: Path, output: Path, rank: int | None, dynamic: tuple[str, float
         modules[name] = result.module
     ranks = [r for _, _, r, _ in report]
     meta = _metadata(lora, {"tool": "resize", "rank": rank, "dynamic": dynamic, "source": Path(path).name,
-                            "max_error": max(c.error for *_, c in report)})
+                            "max_error": max(c.error for *_, c in report)}, plain_lora=True)
     meta["ss_network_dim"] = str(max(ranks))
     meta["ss_network_alpha"] = str(max(ranks))
     return report, write_kohya(output, modules, meta)
@@ -144,7 +146,7 @@ def merge_loras(paths: Sequence[Path], ratios: Sequence[float], output: Path, ra
         cuts[name] = cut(name, delta, rank, None, kernel)
         modules[name] = cuts[name].module
     tool = {"tool": "merge", "sources": [Path(p).name for p in paths], "ratios": list(ratios), "rank": rank}
-    meta = _metadata(loras[0], tool, lycoris=False)
+    meta = _metadata(loras[0], tool, plain_lora=True)
     ranks = [m.rank for m in modules.values()]
     meta["ss_network_dim"], meta["ss_network_alpha"] = str(max(ranks)), str(max(ranks))
     return (cuts or None), write_kohya(output, modules, meta)
@@ -171,7 +173,7 @@ def extract(base: Path, tuned: Path, output: Path, rank: int, conv_rank: int | N
     """A LoRA of ``tuned - base`` (two checkpoints of one SD 1.x/2.x/SDXL model: diffusers folders or single files):
     every Linear and 1x1 conv of the UNet (and with ``text_encoder`` the CLIP encoders) whose weights differ by more
     than ``min_diff``, cut to ``rank`` by SVD; 3x3 convs too, to ``conv_rank``, when given (LoCon)."""
-    from ..export.kohya import kohya_metadata, model_family
+    from ..export.kohya import base_model_version, kohya_metadata
     from .checkpoint import load_model_parts
     from .names import kohya_name
 
@@ -214,8 +216,6 @@ def extract(base: Path, tuned: Path, output: Path, rank: int, conv_rank: int | N
                           "nothing to extract")
     import time
 
-    from ..export.kohya import base_model_version
-
     meta = kohya_metadata(network_dim=rank, network_alpha=rank, base_model_version=base_model_version(family),
                           base_model=str(base), output_name=output.stem, training_started_at=time.time(),
                           training_finished_at=time.time(), steps=0, epoch=0, num_train_images=0,
@@ -223,7 +223,6 @@ def extract(base: Path, tuned: Path, output: Path, rank: int, conv_rank: int | N
                           extra={"lora_scripts_model_family": family, "lora_scripts_tool": json.dumps(
                               {"tool": "extract", "base": Path(base).name, "tuned": Path(tuned).name, "rank": rank,
                                "conv_rank": conv_rank, "max_error": max(c.error for c in cuts.values())})})
-    assert model_family(unet_config) == family or family not in ("sd1", "sd2", "sdxl")
     return cuts, write_kohya(output, {n: c.module for n, c in cuts.items()}, meta)
 
 
