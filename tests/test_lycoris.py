@@ -160,3 +160,11 @@ def yaml_output_dir(config):
     from pathlib import Path
 
     return Path(yaml.safe_load(config.read_text())["output_dir"])
+
+
+@pytest.mark.parametrize("network_type", ["loha", "lokr"])
+def test_estimate_probes_loha_lokr(network_type, make_cfg):
+    """The memory probe runs peft's LoHa/LoKr layers on fake tensors (their module-dropout draw cannot)."""
+    from lora_scripts.preflight import estimate_memory
+
+    assert estimate_memory(make_cfg(network_type=network_type)).total > 0

@@ -313,6 +313,14 @@ class ImageTask(Task):
         for module in (components.denoiser, components.vae, *components.text_encoders):
             module.requires_grad_(False)
         network = self._attach_lora(components)
+        if cfg.network_type != "lora":
+            # peft's LoHa/LoKr draw `torch.rand(1) > module_dropout` in training mode, which fake tensors cannot
+            # answer; with module_dropout 0 (ours) eval mode computes the same step
+            from peft.tuners.lycoris_utils import LycorisLayer
+
+            for module in network.modules():
+                if isinstance(module, LycorisLayer):
+                    module.eval()
         if cfg.gradient_checkpointing:
             self.enable_gradient_checkpointing(network)
         self.components, self.device, self.network = components, torch.device("cpu"), network
