@@ -132,7 +132,7 @@ def test_a_lycoris_file_needs_the_matching_network_type(trained, tiny_sd, tmp_pa
         assert f"network_type: {trained.cfg.network_type}" in errors[0]
 
 
-def test_loha_refuses_what_peft_lacks_and_transformer_families(make_cfg):
+def test_loha_lokr_refuse_what_peft_lacks(make_cfg):
     from lora_scripts.errors import ConfigError
 
     for bad in ({"use_dora": True}, {"use_rslora": True}, {"lora_dropout": 0.1}):
@@ -168,3 +168,16 @@ def test_estimate_probes_loha_lokr(network_type, make_cfg):
     from lora_scripts.preflight import estimate_memory
 
     assert estimate_memory(make_cfg(network_type=network_type)).total > 0
+
+
+def test_transformer_families_refuse_loha_in_one_line(tmp_path):
+    from lora_scripts.errors import ConfigError
+    from lora_scripts.tasks.base import make_task
+    from lora_scripts.tiny_models.flux import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny-flux")
+    data = make_captioned_images(tmp_path / "data", count=2)
+    task = make_task(build_config(tiny_image_config(model, data, tmp_path / "o", network_type="lokr")))
+    with pytest.raises(ConfigError, match="network_type: lokr .*fuses q/k/v") as info:
+        task.check_base_model()
+    assert "\n" not in str(info.value)
