@@ -97,6 +97,11 @@ def test_lycoris_applies_the_trained_loha_lokr(trained, tiny_sd, monkeypatch):
     torch.testing.assert_close(got_ctx, expected_ctx, atol=1e-5, rtol=0)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
+    # what the README says of diffusers: its SD loader refuses LoHa/LoKr files (if this starts passing, update it)
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    with pytest.raises(ValueError, match="not been correctly renamed"):
+        fresh.load_lora_weights(str(path))
+
 
 def test_loha_lokr_continue_from_their_file(trained, tiny_sd, tmp_path):
     """network_weights with the exported file starts the run exactly where the trained one ended."""
