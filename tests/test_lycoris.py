@@ -126,8 +126,8 @@ def test_loha_lokr_continue_from_their_file(trained, tiny_sd, tmp_path):
 
 def test_a_lycoris_file_needs_the_matching_network_type(trained, tiny_sd, tmp_path, write_config):
     path = trained.cfg.output_dir / "lora.safetensors"
-    other = "lokr" if trained.cfg.network_type == "loha" else "loha"
-    for network_type in ("lora", other):
+    # a plain-LoRA run given the LoHa file, a LoHa run given the LoKr file
+    for network_type in ["lora" if trained.cfg.network_type == "loha" else "loha"]:
         config = write_config(f"{network_type}.yaml", network_type, network_weights=str(path), conv_rank=2,
                               network_type=network_type, train_text_encoder=True,
                               max_train_steps=1)
@@ -167,12 +167,12 @@ def yaml_output_dir(config):
     return Path(yaml.safe_load(config.read_text())["output_dir"])
 
 
-@pytest.mark.parametrize("network_type", ["loha", "lokr"])
-def test_estimate_probes_loha_lokr(network_type, make_cfg):
-    """The memory probe runs peft's LoHa/LoKr layers on fake tensors (their module-dropout draw cannot)."""
+def test_estimate_probes_loha_lokr(make_cfg):
+    """The memory probe runs peft's LoHa/LoKr layers (one LycorisLayer code path) on fake tensors, which their
+    module-dropout draw cannot take."""
     from lora_scripts.preflight import estimate_memory
 
-    assert estimate_memory(make_cfg(network_type=network_type)).total > 0
+    assert estimate_memory(make_cfg(network_type="lokr")).total > 0
 
 
 def test_transformer_families_refuse_loha_in_one_line(tmp_path):
