@@ -21,7 +21,7 @@ from .families import Family
 class ImageCaptionDataset(Dataset):
     """Captioned images as (pixels in [-1, 1] or cached latents, token ids or cached embeddings, the family's size
     conditioning, per-sample seed), and with regularisation subsets each sample's ``loss_weight``, with masked
-    subsets its ``mask`` on the latent grid.
+    subsets its loss ``mask`` (at pixel size, or on the latent grid from the latent cache).
 
     Index ``i`` of an epoch is image ``entries[i]`` (see :func:`...data.subsets.epoch_entries`: an image appears
     once per repeat); each subset brings its own caption options and resolution."""
@@ -68,12 +68,12 @@ class ImageCaptionDataset(Dataset):
                 sample.path, size, rng, self.random_crop, self.random_flip, mask_path=sample.mask,
                 alpha_mask=subset.alpha_mask)
             item["pixels"] = torch.from_numpy(pixels)
-            if pixel_mask is not None:
-                mask = torch.from_numpy(latent_mask(pixel_mask, self.family.latent_downscale))
+            if pixel_mask is not None:  # at pixel size: the loss averages it onto the latent grid
+                mask = torch.from_numpy(pixel_mask)
         width, height = (size, size) if isinstance(size, int) else size
         if self.masked:  # every sample of a masked dataset carries one, so batches stack
-            f = self.family.latent_downscale
-            item["mask"] = mask if mask is not None else torch.ones(height // f, width // f)
+            grid = item["latent_mean"].shape[-2:] if "latent_mean" in item else (height, width)
+            item["mask"] = mask if mask is not None else torch.ones(grid)
         if self.weighted:
             item["loss_weight"] = torch.tensor(self.prior_loss_weight if subset.is_reg else 1.0)
         item.update(self.family.size_conditioning(crop, (height, width)))
@@ -140,8 +140,8 @@ def build_caches(cfg: Any, samples: list[CaptionedImage], hashes: list[str], buc
             with torch.no_grad():
                 mean, std = family.latent_distribution(vae, torch.from_numpy(pixels)[None].to(device))
             tensors = {"mean": mean[0], "std": std[0]}
-            if mask is not None:
-                tensors["mask"] = torch.from_numpy(latent_mask(mask, family.latent_downscale))
+            if mask is not None:  # on the latent grid, as the loss would average it
+                tensors["mask"] = torch.from_numpy(latent_mask(mask, pixels.shape[-1] // mean.shape[-1]))
             caches.latents.put(caches.latent_keys[i], tensors)
     if cfg.cache_text_embeddings:
         caches.text = TensorCache(root / "text")

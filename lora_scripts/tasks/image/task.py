@@ -412,13 +412,21 @@ class ImageTask(Task):
         dims = tuple(range(1, pred.dim()))
         per_pixel = torch.nn.functional.mse_loss(pred.float(), drawn.target.float(), reduction="none")
         if "mask" in batch:  # masked loss: every family's prediction is in the unpacked (B, C, h, w) latent layout
-            per_pixel = per_pixel * batch["mask"].to(device, per_pixel.dtype)[:, None]
+            per_pixel = per_pixel * self._latent_mask(batch["mask"].to(device, per_pixel.dtype), per_pixel.shape[-2:])
         per_sample = per_pixel.mean(dim=dims)  # masked-out pixels count as zeros, as in sd-scripts
         if drawn.weights is not None:
             per_sample = per_sample * drawn.weights.to(per_sample.device)
         if "loss_weight" in batch:  # regularisation images: prior_loss_weight
             per_sample = per_sample * batch["loss_weight"].to(per_sample.device)
         return per_sample.sum()
+
+    @staticmethod
+    def _latent_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, H, W) pixel masks -> (B, 1, h, w) weights per latent pixel: the mean over each latent pixel's block
+        of pixels (area interpolation, as sd-scripts resizes its masks); cached masks are on the grid already."""
+        if tuple(mask.shape[-2:]) != tuple(grid):
+            mask = torch.nn.functional.interpolate(mask[:, None], size=tuple(grid), mode="area")[:, 0]
+        return mask[:, None]
 
     def generate_samples(self, model: torch.nn.Module) -> list[tuple[str, Any]]:
         """Render the sample prompts with the frozen components and the LoRA-carrying modules."""
