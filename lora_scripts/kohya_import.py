@@ -257,6 +257,9 @@ SUBSET_DIRECT = {"image_dir": "image_dir", "num_repeats": "num_repeats", "class_
 DATASET_KEYS = ("resolution", "batch_size", "enable_bucket", "bucket_reso_steps", "bucket_no_upscale",
                 "min_bucket_reso", "max_bucket_reso")
 GLOBAL_SUBSET_KEYS = {"flip_aug": "random_flip", "random_crop": "random_crop"}  # one value for the whole run
+# subset options that [general] sets for every subset: our top-level keys, which subsets inherit
+GENERAL_TOP = {"shuffle_caption": "shuffle_tags", "keep_tokens": "keep_tokens", "caption_dropout_rate":
+               "caption_dropout", "alpha_mask": "alpha_mask"}
 
 
 def import_dataset_config(result: KohyaImport, path: Path, masked_loss: bool) -> None:
@@ -274,6 +277,10 @@ def import_dataset_config(result: KohyaImport, path: Path, masked_loss: bool) ->
                           "[[datasets.subsets]] (see docs/kohya.md)")
     subsets: list[dict[str, Any]] = []
     top: dict[str, list[Any]] = {}  # dataset-level values seen per our key
+    for key, value in general.items():
+        if key in GENERAL_TOP:
+            result.map(f"{source} [general]", key, GENERAL_TOP[key], value)
+    general = {k: v for k, v in general.items() if k not in GENERAL_TOP}
     for d_index, dataset in enumerate(datasets):
         merged = {**general, **{k: v for k, v in dataset.items() if k != "subsets"}}
         for key, value in merged.items():
@@ -327,8 +334,8 @@ def import_dataset_config(result: KohyaImport, path: Path, masked_loss: bool) ->
             subsets.append(ours)
     for key, seen in top.items():
         values = [v for v, _ in seen]
-        chosen = max(values) if key in ("resolution", "batch_size") else values[0] if len(set(values)) == 1 else \
-            any(values)
+        # the first dataset's resolution and batch size (subsets keep their own resolution); a flag if any sets it
+        chosen = values[0] if key in ("resolution", "batch_size") or len(set(values)) == 1 else any(values)
         result.config[key] = chosen
         result.mapped.append(f"{seen[0][1]}: {key} -> {key}")
         if len(set(values)) > 1 and key != "resolution":

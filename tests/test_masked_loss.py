@@ -128,3 +128,27 @@ def test_cached_latents_keep_the_mask(tiny_sd, masked_data, tmp_path):
     _, _, again = loaded(build_config(tiny_image_config(tiny_sd, data, tmp_path / "c", mask_dir=str(masks),
                                                         cache_latents=True, cache_dir=str(tmp_path / "b/cache"))))
     assert again.caches.latent_keys[0] != keys[0] and again.caches.latent_keys[1] == keys[1]
+
+
+def test_flux_mask_applies_in_the_unpacked_latent_space(masked_data, tmp_path):
+    """FLUX packs 2x2 latent patches into tokens; its prediction comes back unpacked, so the mask weights the
+    same latent pixels as for a UNet: zero trains nothing, the left and right halves add up to the whole."""
+    from lora_scripts.tiny_models.flux import make_tiny_model
+
+    data, masks = masked_data
+    model_dir = make_tiny_model(tmp_path / "tiny-flux")
+    cfg = build_config(tiny_image_config(model_dir, data, tmp_path / "out", mask_dir=str(masks), batch_size=1,
+                                         text_max_length=16))
+    task, model, dataset = loaded(cfg)
+    batch = task.collate([dataset[(1, 7)]])
+    full, _ = loss_and_grads(task, model, batch)
+    left = torch.zeros_like(batch["mask"])
+    left[..., :16] = 1.0
+    batch["mask"] = left
+    left_loss, _ = loss_and_grads(task, model, batch)
+    batch["mask"] = 1 - left
+    right_loss, _ = loss_and_grads(task, model, batch)
+    assert 0 < left_loss < full and left_loss + right_loss == pytest.approx(full, rel=1e-5)
+    batch["mask"] = torch.zeros_like(left)
+    nothing, grad = loss_and_grads(task, model, batch)
+    assert nothing == 0.0 and torch.count_nonzero(grad) == 0

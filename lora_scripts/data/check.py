@@ -109,6 +109,10 @@ def check_subsets(
     samples: list[CaptionedImage] = []
     sources = []
     for index, subset in enumerate(subsets):
+        if (subset.is_reg or len(subsets) > 1) and not subset.image_dir.is_dir():
+            kind = "regularisation folder" if subset.is_reg else "subset folder"
+            report.add("error", "missing_dir", f"{subset.image_dir}: {kind} not found; fix the path in the config")
+            continue
         try:
             found, source, missing = read_subset_captions(subset)
         except DataError as exc:
