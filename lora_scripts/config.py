@@ -102,7 +102,9 @@ class TrainConfig(_Strict):
 
     # --- the seed keys -------------------------------------------------------------------------------------------
     train_data_dir: Path | None = Field(
-        None, description="Folder of training images (image) or of data files (text). Required for image."
+        None, description="Folder of training images, or of sd-scripts `N_token` sub-folders (N repeats, the token "
+        "as caption of images without a caption file) (image); folder of data files (text). Required for image "
+        "unless datasets is set."
     )
     metadata_path: Path | None = Field(
         None,

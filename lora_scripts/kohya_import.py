@@ -195,9 +195,12 @@ def _special(result: KohyaImport, source: str, key: str, value: Any, flat: dict[
             result.skip(source, key, value, "only plain LoRA (networks.lora*) is imported")
     elif key == "network_train_unet_only":
         result.map(source, key, "train_text_encoder", not bool(value))
+    elif key == "learning_rate" and "unet_lr" in flat:  # sd-scripts: unet_lr wins for the denoiser
+        if "text_encoder_lr" not in flat and value != flat["unet_lr"]:
+            result.map(source, key, "text_encoder_lr", value)
+        else:
+            result.mapped.append(f"{source}: {key} -> (unet_lr is the learning rate)")
     elif key == "unet_lr":
-        if "learning_rate" in flat and "text_encoder_lr" not in flat and flat["learning_rate"] != value:
-            result.map(source, "learning_rate", "text_encoder_lr", flat["learning_rate"])
         result.map(source, key, "learning_rate", value)
     elif key == "max_grad_norm":
         result.map(source, key, "max_grad_norm", None if not value else float(value))

@@ -204,7 +204,7 @@ def check_subsets(
     if not report.entries:
         report.add("error", "no_training_images", "only regularisation images were found; add training images "
                    "(a subset without is_regularization)")
-    else:
+    elif len(report.entries) != len(samples) or len(subsets) > 1:  # a plain folder: one epoch is its images
         report.epoch = describe_epoch(samples, subsets, report.entries)
     return report
 
