@@ -296,3 +296,30 @@ def test_check_lists_every_subset_and_mask_problem(tiny_sd, tmp_path, capsys):
     (masks / images[0].name).unlink()
     code, report = check_json(config, capsys)
     assert "missing_mask" in {f["code"] for f in report["findings"]}
+
+
+def test_datasets_section_options_per_subset(tiny_sd, tmp_path):
+    from lora_scripts.config import build_config
+    from lora_scripts.tasks.image import ImageTask
+
+    a = make_captioned_images(tmp_path / "a", count=3)
+    b = make_captioned_images(tmp_path / "b", count=2)
+    raw = tree_config(tiny_sd, tmp_path, a, shuffle_tags=True, keep_tokens=1, datasets=[
+        {"image_dir": str(a), "num_repeats": 2, "caption_prefix": "sks,", "shuffle_tags": False},
+        {"image_dir": str(b), "num_repeats": 3, "resolution": 48, "caption_dropout": 0.5, "trigger_word": "xyz"},
+    ])
+    raw.pop("train_data_dir")
+    task = ImageTask(build_config(raw))
+    task.check_base_model()
+    summary = task.check_data()
+    assert summary.num_samples == 12 and "12 samples per epoch: a: 3 images x 2, b: 2 images x 3" in summary.description
+    first, second = task._subsets
+    assert (first.shuffle_tags, first.keep_tokens, first.resolution) == (False, 1, 32)  # keep_tokens inherited
+    assert (second.shuffle_tags, second.caption_dropout, second.trigger_word, second.resolution) == (True, 0.5, "xyz", 48)
+    assert all(s.prompt.startswith("sks, a ") for s in task._samples if s.subset == 0)
+    # subsets of different sizes never share a batch (of 2, here), in any epoch
+    for epoch in range(3):
+        order = task.epoch_order(epoch, 42, 2)
+        sizes = [task._buckets[task._entries[i]] for i in order]
+        assert all(sizes[i] == sizes[i + 1] for i in range(0, len(sizes), 2))
+        assert sorted(set(order.tolist())) == list(range(12))
