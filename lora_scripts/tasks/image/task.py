@@ -368,6 +368,10 @@ class ImageTask(Task):
         if self._val is None:
             return None
         samples, sizes, subsets = self._val
+        if subsets is not None:  # every held-out image at the one square resolution, so any of them batch together
+            from dataclasses import replace
+
+            subsets = [replace(s, resolution=self.cfg.resolution) for s in subsets]
         return ImageCaptionDataset(samples, self.tokenizers, self.cfg, self.family, None, None, sizes, augment=False,
                                    subsets=subsets)
 
