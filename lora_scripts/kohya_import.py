@@ -204,6 +204,12 @@ def _special(result: KohyaImport, source: str, key: str, value: Any, flat: dict[
         result.map(source, key, "learning_rate", value)
     elif key == "max_grad_norm":
         result.map(source, key, "max_grad_norm", None if not value else float(value))
+    elif key == "conditioning_data_dir":
+        if flat.get("masked_loss"):
+            result.map(source, key, "mask_dir", value)
+        else:
+            result.skip(source, key, value, "ControlNet conditioning images are not trained here (with masked_loss "
+                        "they are masks)")
     elif key == "masked_loss":
         result.mapped.append(f"{source}: {key} -> (mask_dir from each subset's conditioning_data_dir)")
     elif key == "caption_extension":

@@ -323,3 +323,21 @@ def test_datasets_section_options_per_subset(tiny_sd, tmp_path):
         sizes = [task._buckets[task._entries[i]] for i in order]
         assert all(sizes[i] == sizes[i + 1] for i in range(0, len(sizes), 2))
         assert sorted(set(order.tolist())) == list(range(12))
+
+
+def test_import_training_config_alone_in_folder_mode(tmp_path):
+    from lora_scripts.kohya_import import import_kohya
+
+    training = tmp_path / "config.toml"
+    training.write_text('pretrained_model_name_or_path = "m"\noutput_dir = "out"\ntrain_data_dir = "train"\n'
+                        'reg_data_dir = "reg"\nresolution = "512,768"\nenable_bucket = true\ncaption_extension = ".txt"\n'
+                        'unet_lr = 5e-4\nlearning_rate = 1e-4\nnetwork_args = ["conv_dim=8", "conv_alpha=4", "algo=loha"]\n'
+                        'optimizer_type = "Lion"\nmasked_loss = true\nclip_skip = 2\n')
+    result = import_kohya(None, training)
+    cfg = result.config
+    assert (cfg["train_data_dir"], cfg["reg_data_dir"], cfg["bucket"]) == ("train", "reg", True)
+    assert cfg["resolution"] == 624  # the square of 512 x 768's area, in multiples of 8
+    assert (cfg["learning_rate"], cfg["text_encoder_lr"]) == (5e-4, 1e-4)  # unet_lr wins, as in sd-scripts
+    assert (cfg["conv_rank"], cfg["conv_alpha"]) == (8, 4.0)
+    assert [line.split(" = ")[0] for line in result.unmapped] == [
+        "config.toml: network_args algo", "config.toml: optimizer_type", "config.toml: clip_skip"]
