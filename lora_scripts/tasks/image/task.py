@@ -334,7 +334,8 @@ class ImageTask(Task):
             self.enable_gradient_checkpointing(network)
         self.components, self.device, self.network = components, torch.device("cpu"), network
         self._objective = family.objective(components.scheduler)
-        side = cfg.resolution  # buckets keep the area of resolution², which is what memory follows
+        # buckets keep the area of resolution², which is what memory follows; the largest subset's is the worst case
+        side = max([cfg.resolution] + [d.resolution for d in cfg.datasets or [] if d.resolution])
 
         def make_batch(batch_size: int) -> dict[str, Any]:
             batch: dict[str, Any] = {"seeds": list(range(batch_size))}
