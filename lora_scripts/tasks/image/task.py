@@ -87,7 +87,7 @@ class ImageTask(Task):
         if cfg.cache_latents and (cfg.random_crop or cfg.random_flip):
             raise ConfigError("cache_latents: cached latents cannot be re-cropped or flipped; turn off random_crop "
                               "and random_flip, or cache_latents")
-        if cfg.cache_text_embeddings and cfg.shuffle_tags:
+        if cfg.cache_text_embeddings and (cfg.shuffle_tags or any(d.shuffle_tags for d in cfg.datasets or [])):
             raise ConfigError("cache_text_embeddings: shuffled tags make a new caption every time; turn off "
                               "shuffle_tags or cache_text_embeddings")
         if cfg.cache_text_embeddings and cfg.train_text_encoder:
@@ -119,15 +119,20 @@ class ImageTask(Task):
         if cfg.resolution % multiple or (cfg.bucket and cfg.bucket_step % multiple):
             raise ConfigError(f"resolution: {family.title} needs image sides in multiples of {multiple} "
                               f"(resolution {cfg.resolution}, bucket_step {cfg.bucket_step})")
+        for i, spec in enumerate(cfg.datasets or []):
+            if spec.resolution and spec.resolution % multiple:
+                raise ConfigError(f"datasets.{i}.resolution: {family.title} needs image sides in multiples of "
+                                  f"{multiple} (got {spec.resolution})")
 
     def data_report(self):
         """The full data check (no model loaded; the tokenizer only, when it is at hand, to count tokens)."""
-        from ...data.check import check_images
+        from ...data.check import check_subsets
+        from ...data.subsets import subsets_from_config
 
-        cfg = self.cfg
+        subsets, problems = subsets_from_config(self.cfg)
         tokenizer = self._caption_tokenizer()
-        return check_images(cfg.train_data_dir, cfg.metadata_path, cfg.resolution, cfg.caption_source,
-                            max_caption_tokens=tokenizer.model_max_length if tokenizer else None, tokenizer=tokenizer)
+        return check_subsets(subsets, problems, max_caption_tokens=tokenizer.model_max_length if tokenizer else None,
+                             tokenizer=tokenizer)
 
     def _caption_tokenizer(self) -> Any:
         """The first (CLIP) tokenizer of an SD-family base model, if it can be had without loading weights."""
@@ -157,41 +162,56 @@ class ImageTask(Task):
             for finding in report.warnings:
                 print(f"warning: {finding.message}")
         samples, hashes, sizes = list(report.samples), list(report.hashes), list(report.sizes)
-        self._val: tuple[list, list] | None = None
+        subsets, entries = list(report.subsets), list(report.entries)
+        self._val: tuple[list, list, list] | None = None
         if cfg.val_data is not None:
             from ...data.check import check_images
 
             val = check_images(cfg.val_data, None, cfg.resolution, cfg.caption_source)
             raise_for_errors(val)
-            self._val = (list(val.samples), list(val.sizes))
+            self._val = (list(val.samples), list(val.sizes), None)
         elif cfg.val_size > 0:
-            count = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(cfg.val_size * len(samples)))
-            if count >= len(samples):
-                raise ConfigError(f"val_size: {cfg.val_size} leaves no training images out of {len(samples)} (lower "
-                                  "val_size, or give val_data)")
-            held = set(np.random.default_rng([cfg.seed, 7]).choice(len(samples), count, replace=False).tolist())
-            self._val = ([s for i, s in enumerate(samples) if i in held], [z for i, z in enumerate(sizes) if i in held])
+            # held out from the training images (never the regularisation ones), with all their repeats
+            candidates = [i for i, s in enumerate(samples) if not subsets[s.subset].is_reg]
+            count = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(cfg.val_size * len(candidates)))
+            if count >= len(candidates):
+                raise ConfigError(f"val_size: {cfg.val_size} leaves no training images out of {len(candidates)} "
+                                  "(lower val_size, or give val_data)")
+            chosen = np.random.default_rng([cfg.seed, 7]).choice(len(candidates), count, replace=False).tolist()
+            held = {candidates[i] for i in chosen}
+            self._val = ([s for i, s in enumerate(samples) if i in held],
+                         [z for i, z in enumerate(sizes) if i in held], subsets)
             keep = [i for i in range(len(samples)) if i not in held]
+            renumber = {old: new for new, old in enumerate(keep)}
             samples, hashes, sizes = [samples[i] for i in keep], [hashes[i] for i in keep], [sizes[i] for i in keep]
+            entries = [renumber[i] for i in entries if i not in held]
         self._samples, self._hashes, self._sizes = samples, hashes, sizes
+        self._subsets, self._entries = subsets, entries
         self._caches: ImageCaches | None = None
         self._buckets = None
         if cfg.bucket:
             from ...data.buckets import assign_bucket, make_buckets
 
-            buckets = make_buckets(cfg.resolution, cfg.bucket_step)
-            self._buckets = [assign_bucket(w, h, buckets, cfg.bucket_step, cfg.bucket_no_upscale) for w, h in sizes]
+            grids = {r: make_buckets(r, cfg.bucket_step) for r in {s.resolution for s in subsets}}
+            self._buckets = [assign_bucket(w, h, grids[subsets[s.subset].resolution], cfg.bucket_step,
+                                           cfg.bucket_no_upscale) for s, (w, h) in zip(samples, sizes)]
+        elif len({s.resolution for s in subsets}) > 1:  # square sizes per subset: batches must not mix them
+            self._buckets = [(subsets[s.subset].resolution,) * 2 for s in samples]
         import hashlib
 
         dataset_hash = report.dataset_hash
         if self._val is not None and cfg.val_data is None:  # the split is part of what was trained on
             dataset_hash = hashlib.sha256(f"{dataset_hash}:val{cfg.val_size}:{cfg.seed}".encode()).hexdigest()
+        from ...data.subsets import describe_epoch
+
+        epoch = describe_epoch(samples, subsets, entries)
         return DataSummary(
-            num_samples=len(samples),
+            num_samples=len(entries),
             dataset_hash=dataset_hash,
             description=f"{len(samples)} captioned images from {report.source}"
             + (f" in {len(set(self._buckets))} buckets" if self._buckets else "")
-            + (f"; {len(self._val[0])} validation images" if self._val else ""),
+            + (f"; {len(self._val[0])} validation images" if self._val else "")
+            + (f"; {epoch}" if epoch and (len(entries) != len(samples) or len(subsets) > 1) else ""),
         )
 
     # --- model ---------------------------------------------------------------------------------------------------
@@ -250,7 +270,8 @@ class ImageTask(Task):
         self.network = network
         if self.cfg.cache_latents or self.cfg.cache_text_embeddings:
             self._caches = build_caches(self.cfg, self._samples, self._hashes, self._buckets, components.vae,
-                                        components.text_encoders, components.tokenizers, family, device)
+                                        components.text_encoders, components.tokenizers, family, device,
+                                        self._subsets)
             self._release_cached_encoders()
         return network
 
@@ -325,7 +346,8 @@ class ImageTask(Task):
             self.enable_gradient_checkpointing(network)
         self.components, self.device, self.network = components, torch.device("cpu"), network
         self._objective = family.objective(components.scheduler)
-        side = cfg.resolution  # buckets keep the area of resolution², which is what memory follows
+        # buckets keep the area of resolution², which is what memory follows; the largest subset's is the worst case
+        side = max([cfg.resolution] + [d.resolution for d in cfg.datasets or [] if d.resolution])
 
         def make_batch(batch_size: int) -> dict[str, Any]:
             batch: dict[str, Any] = {"seeds": list(range(batch_size))}
@@ -351,22 +373,28 @@ class ImageTask(Task):
 
     def dataset(self, summary: DataSummary) -> Dataset:
         return ImageCaptionDataset(self._samples, self.tokenizers, self.cfg, self.family, self._buckets, self._caches,
-                                   self._sizes)
+                                   self._sizes, subsets=self._subsets, entries=self._entries)
 
     def validation_dataset(self) -> Dataset | None:
         """Held-out images (``val_size`` / ``val_data``) at the square resolution, not cached; the loop keys them
         with fixed seeds, so every evaluation sees the same noise and timesteps."""
         if self._val is None:
             return None
-        samples, sizes = self._val
-        return ImageCaptionDataset(samples, self.tokenizers, self.cfg, self.family, None, None, sizes, augment=False)
+        samples, sizes, subsets = self._val
+        if subsets is not None:  # every held-out image at the one square resolution, so any of them batch together
+            from dataclasses import replace
+
+            subsets = [replace(s, resolution=self.cfg.resolution) for s in subsets]
+        return ImageCaptionDataset(samples, self.tokenizers, self.cfg, self.family, None, None, sizes, augment=False,
+                                   subsets=subsets)
 
     def epoch_order(self, epoch: int, seed: int, global_batch: int) -> np.ndarray | None:
         if self._buckets is None:
             return None
         from ...data.buckets import bucketed_order
 
-        return bucketed_order(self._buckets, global_batch, np.random.default_rng([seed, epoch]))
+        return bucketed_order([self._buckets[i] for i in self._entries], global_batch,
+                              np.random.default_rng([seed, epoch]))
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {k: torch.stack([item[k] for item in items]) for k in items[0] if k != "seed"}
@@ -390,7 +418,7 @@ class ImageTask(Task):
             latents = family.normalize_latents(self.vae, mean + std * eps).float()
             if not tokens:  # from the text-embedding cache
                 cond.update({k: v.to(device) for k, v in batch.items()
-                             if k not in ("seeds", "latent_mean", "latent_std", "pixels", *cond)})
+                             if k not in ("seeds", "latent_mean", "latent_std", "pixels", "mask", "loss_weight", *cond)})
             elif not self.cfg.train_text_encoder:
                 cond.update(family.encode_prompt(self.text_encoders, tokens))
         drawn = family.noise(self._objective, latents, generators)
@@ -399,10 +427,23 @@ class ImageTask(Task):
         else:
             pred = model(drawn.noisy, drawn.timesteps, **cond)
         dims = tuple(range(1, pred.dim()))
-        per_sample = torch.nn.functional.mse_loss(pred.float(), drawn.target.float(), reduction="none").mean(dim=dims)
+        per_pixel = torch.nn.functional.mse_loss(pred.float(), drawn.target.float(), reduction="none")
+        if "mask" in batch:  # masked loss: every family's prediction is in the unpacked (B, C, h, w) latent layout
+            per_pixel = per_pixel * self._latent_mask(batch["mask"].to(device, per_pixel.dtype), per_pixel.shape[-2:])
+        per_sample = per_pixel.mean(dim=dims)  # masked-out pixels count as zeros, as in sd-scripts
         if drawn.weights is not None:
             per_sample = per_sample * drawn.weights.to(per_sample.device)
+        if "loss_weight" in batch:  # regularisation images: prior_loss_weight
+            per_sample = per_sample * batch["loss_weight"].to(per_sample.device)
         return per_sample.sum()
+
+    @staticmethod
+    def _latent_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, H, W) pixel masks -> (B, 1, h, w) weights per latent pixel: the mean over each latent pixel's block
+        of pixels (area interpolation, as sd-scripts resizes its masks); cached masks are on the grid already."""
+        if tuple(mask.shape[-2:]) != tuple(grid):
+            mask = torch.nn.functional.interpolate(mask[:, None], size=tuple(grid), mode="area")[:, 0]
+        return mask[:, None]
 
     def generate_samples(self, model: torch.nn.Module) -> list[tuple[str, Any]]:
         """Render the sample prompts with the frozen components and the LoRA-carrying modules."""
