@@ -229,6 +229,11 @@ class TextTask(Task):
         except (OSError, ValueError) as exc:
             raise _load_error("base_model", cfg.base_model, exc) from None
         model.requires_grad_(False)
+        if cfg.packing:  # per-sample attention without an L x L mask (packed_attention.py says why and how)
+            from .packed_attention import packed_attention_for
+
+            if (attention := packed_attention_for(model.config, device, weight_dtype)) is not None:
+                model.set_attn_implementation(attention)
         if quantized:
             from peft import prepare_model_for_kbit_training
 
