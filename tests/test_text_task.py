@@ -225,3 +225,28 @@ def test_packed_and_unpacked_batches_give_the_same_loss_and_gradient(text_cfg):
     for name, grad in grads[False].items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(grads[True][name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_model_with_its_own_code_needs_trust_remote_code(text_cfg, tiny_lms, tmp_path, capsys):
+    """A model folder that ships Python (auto_map, like ChatGLM3): without trust_remote_code, one line saying which
+    key to set, and the folder's code never runs."""
+    import shutil
+
+    folder = shutil.copytree(tiny_lms["llama"], tmp_path / "remote-lm")
+    ran = tmp_path / "remote-code-ran"
+    for module, base in (("configuration_remote", "LlamaConfig"), ("modeling_remote", "LlamaForCausalLM")):
+        (folder / f"{module}.py").write_text(f"open({str(ran)!r}, 'w').close()\nfrom transformers import {base}\n\n\n"
+                                             f"class Remote{base[5:]}({base}):\n    model_type = 'remote-llama'\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="remote-llama", architectures=["RemoteForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_remote.RemoteConfig",
+                            "AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    cfg = text_cfg(base_model=str(folder)).to_yaml_dict()
+    for command in ("check", "train"):
+        code = main([command, "--config", str(write_yaml(tmp_path / "remote.yaml", cfg))]
+                    + (["--no-progress"] if command == "train" else []))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("error: base_model: ") and "\n" not in err, err
+        assert "set trust_remote_code: true if you trust that code" in err, err
+    assert not ran.exists()

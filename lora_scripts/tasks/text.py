@@ -57,11 +57,17 @@ class _ListDataset(Dataset):
         return self.items[key[0]]
 
 
-def _hub_or_folder(value: str, what: str, marker: str) -> None:
+def _hub_or_folder(value: str, what: str, marker: str, trust_remote_code: bool = False) -> None:
     path = Path(value).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / marker).is_file():
             raise ConfigError(f"{what}: '{value}' is not a transformers model folder (no {marker})")
+        from transformers import AutoConfig
+
+        try:  # reads config.json only: a model that needs its own code is refused here, in `check`, not at load
+            AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise _load_error(what, value, exc) from None
         return
     require_hub_id(value, what)
 
@@ -119,7 +125,7 @@ class TextTask(Task):
         check_environment(self.cfg)
         if self.cfg.quantization is not None:
             check_qlora_environment()
-        _hub_or_folder(self.cfg.base_model, "base_model", "config.json")
+        _hub_or_folder(self.cfg.base_model, "base_model", "config.json", self.cfg.trust_remote_code)
         if self.cfg.network_weights is not None and not (Path(self.cfg.network_weights) / "adapter_config.json").is_file():
             raise ConfigError(f"network_weights: '{self.cfg.network_weights}' is not a PEFT adapter folder "
                               "(no adapter_config.json)")
