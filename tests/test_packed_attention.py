@@ -36,12 +36,14 @@ def _summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              ignore_index=td.IGNORE_INDEX, reduction="sum")
 
 
-def test_packed_batch_gives_each_sample_its_own_loss_and_gradient():
+@pytest.mark.parametrize("flatten", [False, True], ids=["rows", "one-row"])
+def test_packed_batch_gives_each_sample_its_own_loss_and_gradient(flatten):
     model = _llama(VARLEN_SDPA)
     samples = _random_samples([9, 3, 14, 6, 11, 2, 7])
     rows = td.pack(samples, max_seq_length=20)
     assert len(rows) >= 3 and any(len(r.input_ids) < 20 for r in rows)  # several rows, some padded
-    batch = td.collate_flat(rows, pad_id=0)
+    batch = td.collate_flat(rows, pad_id=0, flatten=flatten)
+    assert batch["input_ids"].shape == ((1, sum(map(len, samples))) if flatten else (len(rows), 20))  # no pads
     _summed_loss(model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits,
                  batch["labels"]).backward()
     packed = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -216,7 +216,9 @@ def test_packed_and_unpacked_batches_give_the_same_loss_and_gradient(text_cfg):
     for packing, task in tasks.items():
         items = task.rows if packing else task.samples
         model.zero_grad()
-        loss = task.loss(model, task.collate(items))
+        batch = task.collate(items)
+        assert batch["input_ids"].shape[0] == (1 if packing else len(items))  # packed: one padding-free row
+        loss = task.loss(model, batch)
         loss.backward()
         losses[packing] = loss.item()
         grads[packing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

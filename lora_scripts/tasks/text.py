@@ -117,6 +117,7 @@ class TextTask(Task):
     """LoRA on a causal language model."""
 
     name = "text"
+    flatten_packed = False  # packed batches as one padding-free row (set with the attention that needs it)
 
     # --- checks (tokenizer, no model) ----------------------------------------------------------------------------
     def check_base_model(self) -> None:
@@ -240,6 +241,7 @@ class TextTask(Task):
 
             if (attention := packed_attention_for(model.config, device, weight_dtype)) is not None:
                 model.set_attn_implementation(attention)
+                self.flatten_packed = True  # both read samples from position ids in one padding-free row
         if quantized:
             from peft import prepare_model_for_kbit_training
 
@@ -311,7 +313,7 @@ class TextTask(Task):
     def collate(self, items: list[Any]) -> dict[str, Any]:
         pad = self.tokenizer.pad_token_id
         if isinstance(items[0], PackedRow):
-            return collate_flat(items, pad)
+            return collate_flat(items, pad, flatten=self.flatten_packed)
         if self.cfg.objective != "sft":
             from ..data.preference import collate_preferences
 
