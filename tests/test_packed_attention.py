@@ -106,3 +106,31 @@ def test_models_with_more_than_causal_attention_keep_transformers_masks():
     expected = "flash_attention_2" if is_flash_attn_2_available() else VARLEN_SDPA
     assert packed_attention_for(LlamaConfig(), cuda, torch.bfloat16) == expected
     assert packed_attention_for(LlamaConfig(), cuda, torch.float32) == VARLEN_SDPA  # flash-attn needs half precision
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "glm", "mistral", "phi3", "gpt2"])
+def test_each_text_family_reads_samples_from_position_ids(family):
+    """Every family with default LoRA targets in the text task hands position ids to its attention (GPT-2 through
+    **kwargs), so a packed forward gives each sample the logits it has alone."""
+    import transformers
+
+    register()
+    size = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    configs = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "glm": "GlmConfig",
+               "mistral": "MistralConfig", "phi3": "Phi3Config"}
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    else:
+        extra = {"glm": {"head_dim": 8}, "mistral": {"sliding_window": None}}.get(family, {})  # Mistral v0.2+
+        config = getattr(transformers, configs[family])(**size, **extra)
+    assert packed_attention_for(config, torch.device("cpu"), torch.float32) == VARLEN_SDPA
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=VARLEN_SDPA).eval()
+    rows = td.pack(_random_samples([7, 12, 5, 9]), max_seq_length=24)
+    batch = td.collate_flat(rows, pad_id=0, flatten=True)
+    pieces = batch["input_ids"][0].split([n for r in rows for n in r.seq_lens])  # the samples, in packed order
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=ids[None]).logits[0] for ids in pieces])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
