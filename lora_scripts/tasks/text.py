@@ -237,11 +237,15 @@ class TextTask(Task):
             raise _load_error("base_model", cfg.base_model, exc) from None
         model.requires_grad_(False)
         if cfg.packing:  # per-sample attention without an L x L mask (packed_attention.py says why and how)
-            from .packed_attention import packed_attention_for
+            from .packed_attention import packed_attention_for, register
 
             if (attention := packed_attention_for(model.config, device, weight_dtype)) is not None:
-                model.set_attn_implementation(attention)
-                self.flatten_packed = True  # both read samples from position ids in one padding-free row
+                try:
+                    model.set_attn_implementation(attention)
+                except (ValueError, ImportError):  # flash-attn installed, but this model class does not support it
+                    model.set_attn_implementation(attention := register())
+                # both read samples from position ids in one padding-free row (a remote-code model keeps its own)
+                self.flatten_packed = model.config._attn_implementation == attention
         if quantized:
             from peft import prepare_model_for_kbit_training
 
