@@ -3,9 +3,9 @@
 Packed rows (:func:`lora_scripts.data.text.collate_flat`) carry no mask tensor; position ids restarting at 0 mark
 where each sample begins. transformers 5.23 reads them (``masking_utils.find_packed_sequence_indices``), but outside
 flash-attn it then materialises a boolean ``[B, 1, L, L]`` block mask and runs SDPA over the whole row: the cost of
-attention is ``L**2`` per row instead of the sum of ``n**2`` over its samples, and on CPU a masked SDPA is several
-times slower than a causal one. torch has no variable-length SDPA (its flash-attn varlen kernel is CUDA-only and
-private), and flex attention on CPU needs an inductor C++ build, so this module writes the small missing piece:
+attention is ``L**2`` per row instead of the sum of ``n**2`` over its samples, and a masked SDPA cannot use the
+causal kernels. torch has no variable-length SDPA (its flash-attn varlen kernel is CUDA-only and private), and flex
+attention has no backward on CPU, so this module writes the small missing piece:
 
 * :data:`VARLEN_SDPA` is an attention implementation registered in transformers' ``AttentionInterface``; for a
   maskless, cacheless forward it splits the flattened tokens at the sample boundaries (``torch.split``: its backward
@@ -21,9 +21,9 @@ every layer of the model is plain causal full attention (sliding windows, soft-c
 transformers' masked SDPA, which knows them). With either, the task feeds a step's rows as one padding-free row
 (``collate_flat(flatten=True)``): transformers' flash path reads samples from position ids only in a batch of one.
 
-Measured alternatives: flex attention (a block mask) has no backward on CPU in torch 2.13, and its first compiled
-forward took over 3 minutes here; transformers' own masked SDPA runs packed rows at about half the speed of this
-module (``benchmarks/text_packing_throughput.py``).
+Measured (``benchmarks/text_packing_throughput.py``, docs/BENCHMARKS.md): packed rows on this module train at 1.47x
+the real tokens per CPU-second of length-grouped padded batches, on transformers' masked SDPA at 0.61x. Flex
+attention (a block mask) has no backward on CPU in torch 2.13.
 """
 
 from __future__ import annotations
