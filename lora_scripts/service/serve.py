@@ -51,7 +51,8 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         allowed_hosts=list(getattr(args, "allowed_host", None) or [])
         + [h for h in os.environ.get("LORA_SCRIPTS_ALLOWED_HOSTS", "").split(",") if h.strip()],
         model_roots=[Path(p) for p in model_roots],
-        allow_remote_code=bool(getattr(args, "allow_remote_code", False)) or _env_flag("LORA_SCRIPTS_ALLOW_REMOTE_CODE"),
+        allow_remote_code=bool(getattr(args, "allow_remote_code", False))
+        or _env_flag("LORA_SCRIPTS_ALLOW_REMOTE_CODE"),
     )
 
 
