@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="servers sharing one database and storage: a server whose heartbeat stops this long is "
                         "presumed lost and its running jobs resume on another (default 60)")
     p.add_argument("--demo", action="store_true", help="add a tiny model and dataset to the home (offline)")
+    p.add_argument("--allow-remote-code", action="store_true",
+                   help="accept jobs with trust_remote_code: true, which run a model folder's own Python code with "
+                   "this service's permissions (default: refused with 422; also LORA_SCRIPTS_ALLOW_REMOTE_CODE=1)")
     p.add_argument("--runner", choices=["local", "kubernetes"], default=None,
                    help="local: trainers as subprocesses here (default); kubernetes: one batch/v1 Job per job "
                    "(default from LORA_SCRIPTS_RUNNER)")

@@ -57,11 +57,17 @@ class _ListDataset(Dataset):
         return self.items[key[0]]
 
 
-def _hub_or_folder(value: str, what: str, marker: str) -> None:
+def _hub_or_folder(value: str, what: str, marker: str, trust_remote_code: bool = False) -> None:
     path = Path(value).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / marker).is_file():
             raise ConfigError(f"{what}: '{value}' is not a transformers model folder (no {marker})")
+        from transformers import AutoConfig
+
+        try:  # reads config.json only: a model that needs its own code is refused here, in `check`, not at load
+            AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise _load_error(what, value, exc) from None
         return
     require_hub_id(value, what)
 
@@ -111,6 +117,7 @@ class TextTask(Task):
     """LoRA on a causal language model."""
 
     name = "text"
+    flatten_packed = False  # packed batches as one padding-free row (set with the attention that needs it)
 
     # --- checks (tokenizer, no model) ----------------------------------------------------------------------------
     def check_base_model(self) -> None:
@@ -119,7 +126,7 @@ class TextTask(Task):
         check_environment(self.cfg)
         if self.cfg.quantization is not None:
             check_qlora_environment()
-        _hub_or_folder(self.cfg.base_model, "base_model", "config.json")
+        _hub_or_folder(self.cfg.base_model, "base_model", "config.json", self.cfg.trust_remote_code)
         if self.cfg.network_weights is not None and not (Path(self.cfg.network_weights) / "adapter_config.json").is_file():
             raise ConfigError(f"network_weights: '{self.cfg.network_weights}' is not a PEFT adapter folder "
                               "(no adapter_config.json)")
@@ -229,6 +236,16 @@ class TextTask(Task):
         except (OSError, ValueError) as exc:
             raise _load_error("base_model", cfg.base_model, exc) from None
         model.requires_grad_(False)
+        if cfg.packing:  # per-sample attention without an L x L mask (packed_attention.py says why and how)
+            from .packed_attention import packed_attention_for, register
+
+            if (attention := packed_attention_for(model.config, device, weight_dtype)) is not None:
+                try:
+                    model.set_attn_implementation(attention)
+                except (ValueError, ImportError):  # flash-attn installed, but this model class does not support it
+                    model.set_attn_implementation(attention := register())
+                # both read samples from position ids in one padding-free row (a remote-code model keeps its own)
+                self.flatten_packed = model.config._attn_implementation == attention
         if quantized:
             from peft import prepare_model_for_kbit_training
 
@@ -300,7 +317,7 @@ class TextTask(Task):
     def collate(self, items: list[Any]) -> dict[str, Any]:
         pad = self.tokenizer.pad_token_id
         if isinstance(items[0], PackedRow):
-            return collate_flat(items, pad)
+            return collate_flat(items, pad, flatten=self.flatten_packed)
         if self.cfg.objective != "sft":
             from ..data.preference import collate_preferences
 
