@@ -11,6 +11,7 @@ count and resume.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset
 
 from ...errors import ConfigError
 from ...lora import effective_alpha, effective_conv_alpha, make_lora_config, make_unet_lora_config
+from ...offload import BlockSwap, DevicePair, checkpoint_offloaded
 from ..base import DataSummary, RunInfo, Task
 from .data import ImageCaches, ImageCaptionDataset, build_caches
 from .families import Family, detect_folder, family_class, resolve_family
@@ -70,6 +72,7 @@ class ImageTask(Task):
 
     name = "image"
     family: Family | None = None
+    block_swap: BlockSwap | None = None  # set by load_model when blocks_to_swap > 0
 
     # --- before any model is loaded ------------------------------------------------------------------------------
     def check_base_model(self) -> None:
@@ -108,6 +111,11 @@ class ImageTask(Task):
         if cfg.train_text_encoder and not family.text_encoder_lora:
             raise ConfigError(f"train_text_encoder: {family.title}'s text encoder stays frozen here (T5 and Qwen "
                               "encoders are too large to adapt usefully); remove train_text_encoder")
+        if cfg.blocks_to_swap and not family.swap_block_lists:
+            raise ConfigError(f"blocks_to_swap: the {family.title} {family.denoiser_name} has no chain of transformer "
+                              "blocks to swap (its down and up blocks are joined by skip connections) and fits on the "
+                              "GPUs that train it; remove blocks_to_swap (gradient_checkpointing and mixed_precision: "
+                              "bf16 save memory)")
         if cfg.conv_rank is not None and family.denoiser_name != "unet":
             raise ConfigError(f"conv_rank: LoCon adapts UNet convolutions; {family.title} is a transformer, remove "
                               "conv_rank")
@@ -224,9 +232,14 @@ class ImageTask(Task):
     def load_model(self, device: torch.device, weight_dtype: torch.dtype) -> torch.nn.Module:
         components = self._load_components()
         family = self.family
+        self.block_swap = self._block_swap(components.denoiser, device, weight_dtype)
         for module in (*components.text_encoders, components.vae, components.denoiser):
             module.requires_grad_(False)
-            module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
+            # swapped blocks stay on the CPU: the whole denoiser may not fit on the device
+            held = self.block_swap.held_back(module) if self.block_swap and module is components.denoiser \
+                else nullcontext()
+            with held:
+                module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
             module.eval()
         self.components, self.device = components, device
         self._objective = family.objective(components.scheduler)
@@ -234,6 +247,8 @@ class ImageTask(Task):
         network = self._attach_lora(components)
         if self.cfg.network_weights is not None:  # incremental training: start from an existing LoRA
             family.apply_network_weights(self.cfg.network_weights, self.lora_modules(network))
+        if self.block_swap is not None:  # after LoRA exists (DoRA reads the base weights when it is attached)
+            self.block_swap.install()
         # Trainable LoRA tensors stay in fp32 even when the frozen base runs in half precision.
         for param in network.parameters():
             if param.requires_grad:
@@ -249,6 +264,17 @@ class ImageTask(Task):
                                         components.text_encoders, components.tokenizers, family, device)
             self._release_cached_encoders()
         return network
+
+    def _block_swap(self, denoiser: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> BlockSwap | None:
+        """``blocks_to_swap``: the swap of the family's last N blocks, or None."""
+        count = self.cfg.blocks_to_swap
+        if not count:
+            return None
+        blocks = self.family.swap_blocks(denoiser)
+        if count > len(blocks):
+            raise ConfigError(f"blocks_to_swap: {count} is more than the {len(blocks)} blocks of this "
+                              f"{self.family.title} {self.family.denoiser_name}; use at most {len(blocks)}")
+        return BlockSwap(blocks, count, DevicePair(device), dtype)
 
     def _release_cached_encoders(self) -> None:
         """Once every sample's latents / embeddings are cached, the VAE / text encoders are only needed for
@@ -333,8 +359,9 @@ class ImageTask(Task):
         return [components.denoiser, components.vae, *components.text_encoders], network, make_batch
 
     def enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
-        model.denoiser.enable_gradient_checkpointing()
-        for encoder in model.text_encoders:
+        offload = self.cfg.gradient_checkpointing == "offload"
+        model.denoiser.enable_gradient_checkpointing(checkpoint_offloaded if offload else None)
+        for encoder in model.text_encoders:  # CLIP: small activations, plain checkpointing
             encoder.gradient_checkpointing_enable()
 
     def dataset(self, summary: DataSummary) -> Dataset:
