@@ -245,7 +245,14 @@ def checkpoint_offloaded(module: nn.Module, *args: Any) -> Any:
         return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
 
 
-def checkpoint_offloaded_kwargs(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """The same for transformers' layers, which pass the layer's call and keyword arguments."""
+def _checkpoint_offloaded_call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     with torch.autograd.graph.save_on_cpu(pin_memory=True):
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
+def enable_offloaded_checkpointing(model: nn.Module) -> None:
+    """Make a transformers model's (already enabled) checkpointed layers keep their inputs in CPU memory, as
+    :func:`checkpoint_offloaded` does. transformers has ``activation_checkpointing_enable(offload=True)`` doing the
+    same, but it asks for pinned memory whenever no accelerator is present, which fails on a CPU-only machine; this
+    pins only next to a CUDA device."""
+    model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=_checkpoint_offloaded_call)

@@ -33,6 +33,7 @@ from ..data.text import (
     tokenize_dataset,
 )
 from ..errors import ConfigError
+from ..offload import enable_offloaded_checkpointing
 from ..lora import make_lora_config
 from .base import DataSummary, RunInfo, SampleKey, Task, require_hub_id
 
@@ -119,6 +120,9 @@ class TextTask(Task):
         check_environment(self.cfg)
         if self.cfg.quantization is not None:
             check_qlora_environment()
+        if self.cfg.blocks_to_swap:
+            raise ConfigError("blocks_to_swap: block swap is for the image task's transformer families; for a causal "
+                              "LM remove it and use gradient_checkpointing: offload, quantization: 4bit or fsdp: true")
         _hub_or_folder(self.cfg.base_model, "base_model", "config.json")
         if self.cfg.network_weights is not None and not (Path(self.cfg.network_weights) / "adapter_config.json").is_file():
             raise ConfigError(f"network_weights: '{self.cfg.network_weights}' is not a PEFT adapter folder "
@@ -282,7 +286,9 @@ class TextTask(Task):
         return [model], model, make_batch
 
     def enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if self.cfg.gradient_checkpointing == "offload":
+            enable_offloaded_checkpointing(model)
 
     # --- data ----------------------------------------------------------------------------------------------------
     def dataset(self, summary: DataSummary) -> Dataset:

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from ...errors import ConfigError
 from ...lora import effective_alpha, effective_conv_alpha, make_lora_config, make_unet_lora_config
-from ...offload import BlockSwap, DevicePair, checkpoint_offloaded
+from ...offload import BlockSwap, DevicePair, checkpoint_offloaded, enable_offloaded_checkpointing
 from ..base import DataSummary, RunInfo, Task
 from .data import ImageCaches, ImageCaptionDataset, build_caches
 from .families import Family, detect_folder, family_class, resolve_family
@@ -112,7 +112,7 @@ class ImageTask(Task):
             raise ConfigError(f"train_text_encoder: {family.title}'s text encoder stays frozen here (T5 and Qwen "
                               "encoders are too large to adapt usefully); remove train_text_encoder")
         if cfg.blocks_to_swap and not family.swap_block_lists:
-            raise ConfigError(f"blocks_to_swap: the {family.title} {family.denoiser_name} has no chain of transformer "
+            raise ConfigError(f"blocks_to_swap: {family.title} has no chain of transformer "
                               "blocks to swap (its down and up blocks are joined by skip connections) and fits on the "
                               "GPUs that train it; remove blocks_to_swap (gradient_checkpointing and mixed_precision: "
                               "bf16 save memory)")
@@ -361,8 +361,10 @@ class ImageTask(Task):
     def enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
         offload = self.cfg.gradient_checkpointing == "offload"
         model.denoiser.enable_gradient_checkpointing(checkpoint_offloaded if offload else None)
-        for encoder in model.text_encoders:  # CLIP: small activations, plain checkpointing
-            encoder.gradient_checkpointing_enable()
+        for encoder in model.text_encoders:
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            if offload:
+                enable_offloaded_checkpointing(encoder)
 
     def dataset(self, summary: DataSummary) -> Dataset:
         return ImageCaptionDataset(self._samples, self.tokenizers, self.cfg, self.family, self._buckets, self._caches,
