@@ -328,6 +328,9 @@ class TrainConfig(_Strict):
         if self.conv_alpha is not None and self.conv_rank is None:
             raise ValueError("conv_alpha is set but conv_rank is not; set conv_rank (the rank of the conv LoRA) too, "
                              "or remove conv_alpha")
+        if self.fsdp and self.blocks_to_swap:
+            raise ValueError("fsdp and blocks_to_swap both move the frozen base off the device; use one of them "
+                             "(fsdp across several GPUs, blocks_to_swap on one)")
         if self.conv_rank is not None and self.task != "image":
             raise ValueError("conv_rank (LoCon) is for the image task's UNet convs; remove it for task: text")
         return self

@@ -120,6 +120,8 @@ class TextTask(Task):
         check_environment(self.cfg)
         if self.cfg.quantization is not None:
             check_qlora_environment()
+        if self.cfg.fsdp and self.cfg.quantization is not None:
+            raise ConfigError("fsdp: sharding a 4-bit QLoRA base is not supported here; remove fsdp or quantization")
         if self.cfg.blocks_to_swap:
             raise ConfigError("blocks_to_swap: block swap is for the image task's transformer families; for a causal "
                               "LM remove it and use gradient_checkpointing: offload, quantization: 4bit or fsdp: true")
@@ -291,6 +293,14 @@ class TextTask(Task):
             enable_offloaded_checkpointing(model)
 
     # --- data ----------------------------------------------------------------------------------------------------
+    def shard_classes(self, model: torch.nn.Module) -> list[str]:
+        """The LM's decoder layers: the classes transformers names in ``_no_split_modules``."""
+        names = list(getattr(model.get_base_model(), "_no_split_modules", None) or [])
+        if not names:
+            raise ConfigError(f"fsdp: {type(model.get_base_model()).__name__} does not name its decoder layers "
+                              "(_no_split_modules); remove fsdp")
+        return names
+
     def dataset(self, summary: DataSummary) -> Dataset:
         return _ListDataset(self.rows if self.rows is not None else self.samples)
 

@@ -111,6 +111,9 @@ class ImageTask(Task):
         if cfg.train_text_encoder and not family.text_encoder_lora:
             raise ConfigError(f"train_text_encoder: {family.title}'s text encoder stays frozen here (T5 and Qwen "
                               "encoders are too large to adapt usefully); remove train_text_encoder")
+        if cfg.fsdp and not family.swap_block_lists:
+            raise ConfigError(f"fsdp: {family.title} has no chain of transformer blocks to shard, and its UNet fits "
+                              "on one GPU; remove fsdp (several processes without it train with DDP)")
         if cfg.blocks_to_swap and not family.swap_block_lists:
             raise ConfigError(f"blocks_to_swap: {family.title} has no chain of transformer "
                               "blocks to swap (its down and up blocks are joined by skip connections) and fits on the "
@@ -369,6 +372,11 @@ class ImageTask(Task):
     def dataset(self, summary: DataSummary) -> Dataset:
         return ImageCaptionDataset(self._samples, self.tokenizers, self.cfg, self.family, self._buckets, self._caches,
                                    self._sizes)
+
+    def shard_classes(self, model: torch.nn.Module) -> list[str]:
+        """The denoiser's transformer block classes (the blocks block swap swaps); the text encoders and VAE stay
+        whole on every process (cache_text_embeddings frees them)."""
+        return sorted({type(block).__name__ for block in self.family.swap_blocks(model.denoiser)})
 
     def validation_dataset(self) -> Dataset | None:
         """Held-out images (``val_size`` / ``val_data``) at the square resolution, not cached; the loop keys them
