@@ -262,8 +262,9 @@ class TrainConfig(_Strict):
         "quantised, the LoRA staying in full precision: fp8 / int8 weight-only, nf4 (bitsandbytes, CUDA only)."
     )
     blocks_to_swap: int = Field(
-        0, ge=0, description="image, transformer families: keep this many transformer blocks in (pinned) CPU memory "
-        "and copy each to the GPU just before it runs, one block prefetched on a side stream (block swap)."
+        0, ge=0, description="image, transformer families: keep the frozen weights of the last N transformer blocks "
+        "in (pinned) CPU memory and copy each to the GPU just before it runs, one block prefetched on a side stream, "
+        "in forward and backward (block swap; the LoRA stays on the GPU). Best with gradient_checkpointing."
     )
     memory_profile: Literal["manual", "auto"] = Field(
         "manual", description="auto: at the start of train, apply the cheapest memory settings (quantisation, "
@@ -271,8 +272,9 @@ class TrainConfig(_Strict):
         "in the checkpoint so a resume keeps them."
     )
     fsdp: bool = Field(
-        False, description="Shard the frozen base across processes (accelerate's FSDP2) instead of replicating it "
-        "in each (DDP): for DiT families and LLMs too large for one device."
+        False, description="Shard the frozen base across processes (accelerate's FSDP2, one unit per transformer "
+        "block or decoder layer) instead of replicating it in each (DDP): for DiT families and LLMs too large for "
+        "one device; launch with --nproc N. Checkpoints and the export gather the LoRA."
     )
     quantization: Literal["4bit"] | None = Field(
         None, description="text: QLoRA, the frozen base loaded in 4-bit NF4 (bitsandbytes, CUDA only); the export "

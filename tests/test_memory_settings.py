@@ -262,3 +262,64 @@ def test_encoders_are_kept_when_samples_or_validation_need_them(flux, data, tmp_
     trainer = _train(flux, data, tmp_path / "latents", cache_latents=True, max_train_steps=1)
     assert isinstance(trainer.task.components.vae, _Released)
     assert not any(isinstance(e, _Released) for e in trainer.task.components.text_encoders)
+
+
+# --- fsdp ----------------------------------------------------------------------------------------------------------
+
+def test_fsdp_two_processes_give_the_lora_of_one_and_resume(flux, data, tmp_path):
+    """``fsdp: true`` under torchrun (2 CPU processes, gloo): the transformer blocks are sharded, and checkpoints,
+    resume (LoRA and AdamW state gathered and scattered back) and the export give the LoRA of one process."""
+    from .helpers import run_torchrun
+
+    _train(flux, data, tmp_path / "one", batch_size=2)
+
+    def write(name: str, **overrides) -> Path:
+        raw = tiny_image_config(flux, data, tmp_path / "two", text_max_length=16, learning_rate=5e-3,
+                                output_name="lora", batch_size=1, fsdp=True, **overrides)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+        return path
+
+    first = run_torchrun(write("first", max_train_steps=2))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert ("fsdp: 4 blocks (FluxSingleTransformerBlock, FluxTransformerBlock) and the rest of the model sharded "
+            "across 2 processes") in first.stdout
+    resumed = run_torchrun(write("resumed", max_train_steps=3, resume="latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    for name in ("checkpoints/step-2/adapter.safetensors", "checkpoints/step-3/adapter.safetensors",
+                 "lora.safetensors", "diffusers/pytorch_lora_weights.safetensors"):
+        assert_same_tensors(tmp_path / "one" / name, tmp_path / "two" / name, atol=1e-5)
+    assert _losses(tmp_path / "one") == _losses(tmp_path / "two")
+
+
+def test_fsdp_refusals_are_one_line(tiny_sd, data, flux, tmp_path):
+    with pytest.raises(ConfigError, match=r"^fsdp: SD 1\.x has no chain of transformer blocks to shard"):
+        _train(tiny_sd, data, tmp_path / "sd", fsdp=True)
+    with pytest.raises(ConfigError, match=r"fsdp and blocks_to_swap both move the frozen base off the device"):
+        build_config(tiny_image_config(flux, data, tmp_path / "both", fsdp=True, blocks_to_swap=2))
+
+
+def test_fsdp_text_task_two_processes_give_the_adapter_of_one(tmp_path):
+    """A causal LM sharded by its decoder layers (transformers' ``_no_split_modules``)."""
+    from lora_scripts.testing import make_instruction_data, make_tiny_causal_lm
+    from lora_scripts.train.loop import train
+
+    from .helpers import run_torchrun
+
+    lm = make_tiny_causal_lm(tmp_path / "lm", "llama")
+    data = make_instruction_data(tmp_path / "data" / "train.jsonl", "alpaca", repeat=2)
+
+    def config(name: str, **overrides) -> dict:
+        return {"task": "text", "base_model": str(lm), "metadata_path": str(data), "output_dir": str(tmp_path / name),
+                "lora_rank": 4, "max_train_steps": 3, "save_steps": 2, "learning_rate": 1e-2, "max_seq_length": 96,
+                "logging": {"tensorboard": False}, **overrides}
+
+    train(build_config(config("one", batch_size=4)), show_progress=False)
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(config("two", batch_size=2, fsdp=True)), encoding="utf-8")
+    proc = run_torchrun(path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fsdp: 4 blocks (LlamaDecoderLayer)" in proc.stdout
+    for name in ("checkpoints/step-2/adapter.safetensors", "adapter/adapter_model.safetensors"):
+        assert_same_tensors(tmp_path / "one" / name, tmp_path / "two" / name, atol=1e-5)
