@@ -180,7 +180,8 @@ class Trainer:
             GradientState._reset_state()
 
         # cpu=True is what makes 2-process CPU DDP work under torchrun (gloo); on a GPU machine it stays False.
-        plugin = fsdp_plugin() if self.cfg.fsdp else None
+        # fsdp with one process: nothing to shard (and no plugin, whose environment flag would outlive the run)
+        plugin = fsdp_plugin() if self.cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         self.accelerator = Accelerator(mixed_precision=self.cfg.mixed_precision, cpu=not torch.cuda.is_available(),
                                        fsdp_plugin=plugin)
         self.sharded = plugin is not None and fsdp_in_effect(self.accelerator, plugin)
