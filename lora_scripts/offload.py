@@ -84,7 +84,8 @@ class DevicePair:
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward pass (e.g. a checkpointed block being recomputed)."""
+    """True while autograd runs a backward pass (e.g. a checkpointed block being recomputed). torch has no public
+    query for it; ``_current_graph_task_id`` is what ``torch.autograd.graph``'s own hooks use."""
     return torch._C._current_graph_task_id() != -1
 
 
@@ -161,14 +162,6 @@ class BlockSwap:
         for index, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_pre_hook(self._pre_hook(index)))
             self._handles.append(block.register_forward_hook(self._post_hook(index)))
-
-    def remove(self) -> None:
-        """Load every swapped block for good and remove the hooks (back to an ordinary model)."""
-        for handle in self._handles:
-            handle.remove()
-        for index in range(self.first, len(self.blocks)):
-            self._ensure(index)
-        self._handles.clear()
 
     # --- the schedule --------------------------------------------------------------------------------------------
     def _pre_hook(self, index: int) -> Callable[..., None]:
