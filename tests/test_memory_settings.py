@@ -47,7 +47,7 @@ def _train(model: Path, data: Path, out: Path, **overrides) -> Trainer:
 def _losses(out: Path) -> list[list[str]]:
     """loss.csv without its wall-clock column."""
     with open(out / "logs" / "loss.csv", newline="", encoding="utf-8") as f:
-        return [row[:4] for row in csv.reader(f)]
+        return [row[:4] + row[5:] for row in csv.reader(f)]
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
@@ -268,14 +268,16 @@ def test_encoders_are_kept_when_samples_or_validation_need_them(flux, data, tmp_
 
 def test_fsdp_two_processes_give_the_lora_of_one_and_resume(flux, data, tmp_path):
     """``fsdp: true`` under torchrun (2 CPU processes, gloo): the transformer blocks are sharded, and checkpoints,
-    resume (LoRA and AdamW state gathered and scattered back) and the export give the LoRA of one process."""
+    resume (LoRA and AdamW state gathered and scattered back), validation and samples (every process takes part)
+    and the export give the LoRA of one process."""
     from .helpers import run_torchrun
 
-    _train(flux, data, tmp_path / "one", batch_size=2)
+    common = dict(val_size=1, gradient_checkpointing=True, sample_prompts=[{"prompt": "a red circle", "steps": 1}])
+    _train(flux, data, tmp_path / "one", batch_size=2, **common)
 
     def write(name: str, **overrides) -> Path:
         raw = tiny_image_config(flux, data, tmp_path / "two", text_max_length=16, learning_rate=5e-3,
-                                output_name="lora", batch_size=1, fsdp=True, **overrides)
+                                output_name="lora", batch_size=1, fsdp=True, **common, **overrides)
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(raw), encoding="utf-8")
         return path
@@ -291,6 +293,8 @@ def test_fsdp_two_processes_give_the_lora_of_one_and_resume(flux, data, tmp_path
                  "lora.safetensors", "diffusers/pytorch_lora_weights.safetensors"):
         assert_same_tensors(tmp_path / "one" / name, tmp_path / "two" / name, atol=1e-5)
     assert _losses(tmp_path / "one") == _losses(tmp_path / "two")
+    assert first.stdout.count("eval loss") == 1  # validation runs on both processes, reported by one
+    assert sorted(p.name for p in (tmp_path / "two/samples").iterdir()) == ["step-000002-0.png", "step-000003-0.png"]
 
 
 def test_fsdp_refusals_are_one_line(tiny_sd, data, flux, tmp_path):

@@ -346,7 +346,7 @@ class Trainer:
                     total += self.task.loss(model, batch).float().item()
                 count += self.task.loss_count(batch)
             model.train()
-            result = total / max(count, 1)
+            result = total / max(count, 1) if self.is_main else None
         self.accelerator.wait_for_everyone()
         return result
 
