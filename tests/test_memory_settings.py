@@ -81,6 +81,19 @@ def test_block_swap_gives_the_same_losses_and_lora_bit_for_bit(flux_runs):
     assert flux_runs["plain"][1].task.block_swap is None
 
 
+def test_block_swap_with_two_processes_gives_the_lora_of_one(flux_runs, flux, data, tmp_path):
+    """DDP over swapped blocks: its start-up broadcast passes over the placeholders, the LoRA gradients sync."""
+    from .helpers import run_torchrun
+
+    raw = tiny_image_config(flux, data, tmp_path / "two", text_max_length=16, learning_rate=5e-3, max_train_steps=3,
+                            output_name="lora", batch_size=1, blocks_to_swap=3)
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    proc = run_torchrun(tmp_path / "two.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("checkpoints/step-2/adapter.safetensors", "lora.safetensors"):
+        assert_same_tensors(flux_runs["plain"][0] / name, tmp_path / "two" / name, atol=1e-5)
+
+
 def test_swapped_blocks_hold_only_lora_on_the_device_between_steps(flux_runs):
     swap = flux_runs["swap3"][1].task.block_swap
     resident = {index for index in swap.loaded}
