@@ -52,7 +52,7 @@ from .checkpoint import (
 )
 from .logs import TrainingLogger, peak_memory_mb
 from .optim import make_optimizer
-from .sharding import fsdp_plugin, full_optimizer_state, set_full_optimizer_state, shard_like, fsdp_in_effect
+from .sharding import fsdp_in_effect, fsdp_plugin, full_optimizer_state, set_full_optimizer_state, shard_like
 from .signals import StopRequest
 
 
