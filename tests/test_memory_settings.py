@@ -171,11 +171,12 @@ def test_gradient_checkpointing_offload_gives_the_same_run_and_offloads(flux_run
     assert len(offloads) == 4 and offloads[0] == {"pin_memory": True}  # one per checkpointed block
 
 
-def test_block_swap_on_qwen_image(tmp_path_factory, data):
-    from lora_scripts.tiny_models import qwen_image
+@pytest.mark.parametrize("family", ["qwen_image", "z_image"])
+def test_block_swap_on_other_families(family, tmp_path_factory, data):
+    from lora_scripts.tiny_models import make_tiny_model
 
-    model = qwen_image.make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen")
-    root = tmp_path_factory.mktemp("qwen-memory")
+    model = make_tiny_model(family, tmp_path_factory.mktemp("models") / f"tiny-{family}")  # 2 blocks each
+    root = tmp_path_factory.mktemp(f"{family}-memory")
     plain = _train(model, data, root / "plain", gradient_checkpointing=True)
     swapped = _train(model, data, root / "swapped", gradient_checkpointing=True, blocks_to_swap=2)
     _assert_same_run(root / "plain", root / "swapped")
