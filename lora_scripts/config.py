@@ -350,8 +350,9 @@ class TrainConfig(_Strict):
         "quantised, the LoRA staying in full precision: fp8 / int8 weight-only, nf4 (bitsandbytes, CUDA only)."
     )
     blocks_to_swap: int = Field(
-        0, ge=0, description="image, transformer families: keep this many transformer blocks in (pinned) CPU memory "
-        "and copy each to the GPU just before it runs, one block prefetched on a side stream (block swap)."
+        0, ge=0, description="image, transformer families: keep the frozen weights of the last N transformer blocks "
+        "in (pinned) CPU memory and copy each to the GPU just before it runs, one block prefetched on a side stream, "
+        "in forward and backward (block swap; the LoRA stays on the GPU). Best with gradient_checkpointing."
     )
     memory_profile: Literal["manual", "auto"] = Field(
         "manual", description="auto: at the start of train, apply the cheapest memory settings (quantisation, "
@@ -359,8 +360,9 @@ class TrainConfig(_Strict):
         "in the checkpoint so a resume keeps them."
     )
     fsdp: bool = Field(
-        False, description="Shard the frozen base across processes (accelerate's FSDP2) instead of replicating it "
-        "in each (DDP): for DiT families and LLMs too large for one device."
+        False, description="Shard the frozen base across processes (accelerate's FSDP2, one unit per transformer "
+        "block or decoder layer) instead of replicating it in each (DDP): for DiT families and LLMs too large for "
+        "one device; launch with --nproc N. Checkpoints and the export gather the LoRA."
     )
     quantization: Literal["4bit"] | None = Field(
         None, description="text: QLoRA, the frozen base loaded in 4-bit NF4 (bitsandbytes, CUDA only); the export "
@@ -423,6 +425,9 @@ class TrainConfig(_Strict):
         if self.conv_alpha is not None and self.conv_rank is None:
             raise ValueError("conv_alpha is set but conv_rank is not; set conv_rank (the rank of the conv LoRA) too, "
                              "or remove conv_alpha")
+        if self.fsdp and self.blocks_to_swap:
+            raise ValueError("fsdp and blocks_to_swap both move the frozen base off the device; use one of them "
+                             "(fsdp across several GPUs, blocks_to_swap on one)")
         if self.conv_rank is not None and self.task != "image":
             raise ValueError("conv_rank (LoCon) is for the image task's UNet convs; remove it for task: text")
         if self.network_type != "lora":

@@ -33,6 +33,7 @@ from ..data.text import (
     tokenize_dataset,
 )
 from ..errors import ConfigError
+from ..offload import enable_offloaded_checkpointing
 from ..lora import make_lora_config
 from .base import DataSummary, RunInfo, SampleKey, Task, require_hub_id
 
@@ -126,6 +127,11 @@ class TextTask(Task):
         check_environment(self.cfg)
         if self.cfg.quantization is not None:
             check_qlora_environment()
+        if self.cfg.fsdp and self.cfg.quantization is not None:
+            raise ConfigError("fsdp: sharding a 4-bit QLoRA base is not supported here; remove fsdp or quantization")
+        if self.cfg.blocks_to_swap:
+            raise ConfigError("blocks_to_swap: block swap is for the image task's transformer families; for a causal "
+                              "LM remove it and use gradient_checkpointing: offload, quantization: 4bit or fsdp: true")
         _hub_or_folder(self.cfg.base_model, "base_model", "config.json", self.cfg.trust_remote_code)
         if self.cfg.network_weights is not None and not (Path(self.cfg.network_weights) / "adapter_config.json").is_file():
             raise ConfigError(f"network_weights: '{self.cfg.network_weights}' is not a PEFT adapter folder "
@@ -299,9 +305,19 @@ class TextTask(Task):
         return [model], model, make_batch
 
     def enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if self.cfg.gradient_checkpointing == "offload":
+            enable_offloaded_checkpointing(model)
 
     # --- data ----------------------------------------------------------------------------------------------------
+    def shard_classes(self, model: torch.nn.Module) -> list[str]:
+        """The LM's decoder layers: the classes transformers names in ``_no_split_modules``."""
+        names = list(getattr(model.get_base_model(), "_no_split_modules", None) or [])
+        if not names:
+            raise ConfigError(f"fsdp: {type(model.get_base_model()).__name__} does not name its decoder layers "
+                              "(_no_split_modules); remove fsdp")
+        return names
+
     def dataset(self, summary: DataSummary) -> Dataset:
         return _ListDataset(self.rows if self.rows is not None else self.samples)
 

@@ -11,6 +11,7 @@ count and resume.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset
 
 from ...errors import ConfigError
 from ...lora import effective_alpha, effective_conv_alpha, make_image_adapter_config, make_unet_lora_config
+from ...offload import BlockSwap, DevicePair, checkpoint_offloaded, enable_offloaded_checkpointing
 from ..base import DataSummary, RunInfo, Task
 from .data import ImageCaches, ImageCaptionDataset, build_caches
 from .families import Family, detect_folder, family_class, resolve_family
@@ -70,6 +72,7 @@ class ImageTask(Task):
 
     name = "image"
     family: Family | None = None
+    block_swap: BlockSwap | None = None  # set by load_model when blocks_to_swap > 0
 
     # --- before any model is loaded ------------------------------------------------------------------------------
     def check_base_model(self) -> None:
@@ -112,6 +115,14 @@ class ImageTask(Task):
             raise ConfigError(f"network_type: {cfg.network_type} is exported in LyCORIS's kohya layout, which names UNet "
                               f"modules; {family.title}'s single-file layout fuses q/k/v, which a Hadamard or "
                               "Kronecker product cannot be split into; use network_type: lora")
+        if cfg.fsdp and not family.swap_block_lists:
+            raise ConfigError(f"fsdp: {family.title} has no chain of transformer blocks to shard, and its UNet fits "
+                              "on one GPU; remove fsdp (several processes without it train with DDP)")
+        if cfg.blocks_to_swap and not family.swap_block_lists:
+            raise ConfigError(f"blocks_to_swap: {family.title} has no chain of transformer "
+                              "blocks to swap (its down and up blocks are joined by skip connections) and fits on the "
+                              "GPUs that train it; remove blocks_to_swap (gradient_checkpointing and mixed_precision: "
+                              "bf16 save memory)")
         if cfg.conv_rank is not None and family.denoiser_name != "unet":
             raise ConfigError(f"conv_rank: LoCon adapts UNet convolutions; {family.title} is a transformer, remove "
                               "conv_rank")
@@ -248,9 +259,14 @@ class ImageTask(Task):
     def load_model(self, device: torch.device, weight_dtype: torch.dtype) -> torch.nn.Module:
         components = self._load_components()
         family = self.family
+        self.block_swap = self._block_swap(components.denoiser, device, weight_dtype)
         for module in (*components.text_encoders, components.vae, components.denoiser):
             module.requires_grad_(False)
-            module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
+            # swapped blocks stay on the CPU: the whole denoiser may not fit on the device
+            held = self.block_swap.held_back(module) if self.block_swap and module is components.denoiser \
+                else nullcontext()
+            with held:
+                module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
             module.eval()
         self.components, self.device = components, device
         self._objective = family.objective(components.scheduler)
@@ -258,6 +274,8 @@ class ImageTask(Task):
         network = self._attach_lora(components)
         if self.cfg.network_weights is not None:  # incremental training: start from an existing LoRA
             family.apply_network_weights(self.cfg.network_weights, self.lora_modules(network))
+        if self.block_swap is not None:  # after LoRA exists (DoRA reads the base weights when it is attached)
+            self.block_swap.install()
         # Trainable LoRA tensors stay in fp32 even when the frozen base runs in half precision.
         for param in network.parameters():
             if param.requires_grad:
@@ -274,6 +292,17 @@ class ImageTask(Task):
                                         self._subsets)
             self._release_cached_encoders()
         return network
+
+    def _block_swap(self, denoiser: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> BlockSwap | None:
+        """``blocks_to_swap``: the swap of the family's last N blocks, or None."""
+        count = self.cfg.blocks_to_swap
+        if not count:
+            return None
+        blocks = self.family.swap_blocks(denoiser)
+        if count > len(blocks):
+            raise ConfigError(f"blocks_to_swap: {count} is more than the {len(blocks)} blocks of this "
+                              f"{self.family.title} {self.family.denoiser_name}; use at most {len(blocks)}")
+        return BlockSwap(blocks, count, DevicePair(device), dtype)
 
     def _release_cached_encoders(self) -> None:
         """Once every sample's latents / embeddings are cached, the VAE / text encoders are only needed for
@@ -367,13 +396,21 @@ class ImageTask(Task):
         return [components.denoiser, components.vae, *components.text_encoders], network, make_batch
 
     def enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
-        model.denoiser.enable_gradient_checkpointing()
+        offload = self.cfg.gradient_checkpointing == "offload"
+        model.denoiser.enable_gradient_checkpointing(checkpoint_offloaded if offload else None)
         for encoder in model.text_encoders:
-            encoder.gradient_checkpointing_enable()
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            if offload:
+                enable_offloaded_checkpointing(encoder)
 
     def dataset(self, summary: DataSummary) -> Dataset:
         return ImageCaptionDataset(self._samples, self.tokenizers, self.cfg, self.family, self._buckets, self._caches,
                                    self._sizes, subsets=self._subsets, entries=self._entries)
+
+    def shard_classes(self, model: torch.nn.Module) -> list[str]:
+        """The denoiser's transformer block classes (the blocks block swap swaps); the text encoders and VAE stay
+        whole on every process (cache_text_embeddings frees them)."""
+        return sorted({type(block).__name__ for block in self.family.swap_blocks(model.denoiser)})
 
     def validation_dataset(self) -> Dataset | None:
         """Held-out images (``val_size`` / ``val_data``) at the square resolution, not cached; the loop keys them
