@@ -234,6 +234,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_kohya(args: argparse.Namespace) -> int:
+    from .kohya_import import run_import
+
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise UserError(f"--output: {output} exists; choose another file or pass --force to replace it")
+    run_import(Path(args.dataset_config) if args.dataset_config else None,
+               Path(args.training_config) if args.training_config else None, output)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-scripts", description="Config-driven LoRA training.")
     parser.add_argument("--version", action="version", version=f"lora-scripts {__version__}")
@@ -278,6 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="base model (default: the adapter's base_model_name_or_path)")
     p.set_defaults(func=cmd_export)
 
+    from .lora_tools.cli import add_lora_parser
+
+    add_lora_parser(sub)
+
+    p = sub.add_parser("import-kohya", help="write a config from sd-scripts' dataset / training TOML files",
+                       epilog="Every key is mapped or listed as not mapped; see docs/kohya.md.")
+    p.add_argument("--dataset-config", metavar="TOML", help="sd-scripts dataset config ([general], [[datasets]], "
+                   "[[datasets.subsets]])")
+    p.add_argument("--training-config", metavar="TOML", help="sd-scripts training config (--config_file)")
+    p.add_argument("--output", required=True, metavar="YAML", help="the lora-scripts config to write")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists")
+    p.set_defaults(func=cmd_import_kohya)
+
     p = sub.add_parser("demo", help="train a tiny built-in model on built-in data (no downloads)")
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 200 image, 60 text)")
@@ -308,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="servers sharing one database and storage: a server whose heartbeat stops this long is "
                         "presumed lost and its running jobs resume on another (default 60)")
     p.add_argument("--demo", action="store_true", help="add a tiny model and dataset to the home (offline)")
+    p.add_argument("--allow-remote-code", action="store_true",
+                   help="accept jobs with trust_remote_code: true, which run a model folder's own Python code with "
+                   "this service's permissions (default: refused with 422; also LORA_SCRIPTS_ALLOW_REMOTE_CODE=1)")
     p.add_argument("--runner", choices=["local", "kubernetes"], default=None,
                    help="local: trainers as subprocesses here (default); kubernetes: one batch/v1 Job per job "
                    "(default from LORA_SCRIPTS_RUNNER)")

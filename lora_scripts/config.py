@@ -47,12 +47,64 @@ class SamplePrompt(_Strict):
     guidance_scale: float = Field(7.0, ge=0, description="image: classifier-free guidance scale.")
 
 
+class DatasetSubset(_Strict):
+    """One folder of a multi-folder dataset (``datasets:``), as a subset of sd-scripts' dataset TOML: its own
+    captions, repeats and caption options. Options left unset take the top-level value."""
+
+    image_dir: Path = Field(..., description="The folder of this subset's images.")
+    num_repeats: int = Field(1, ge=1, description="How often each image is seen per epoch (kohya's num_repeats; "
+                             "the N of a `N_token` folder).")
+    is_regularization: bool = Field(
+        False, description="Regularisation (class / prior-preservation) images: balanced against the training "
+        "images every epoch as sd-scripts does, their loss weighted by prior_loss_weight (kohya's is_reg)."
+    )
+    metadata_path: Path | None = Field(None, description="Captions of this subset (csv, kohya .json, .jsonl); "
+                                       "default <image_dir>/metadata.csv, else sidecar files.")
+    caption_source: Literal["auto", "csv", "sidecar", "kohya_json", "jsonl"] = Field(
+        "auto", description="Where this subset's captions come from (as the top-level caption_source)."
+    )
+    caption_extension: str | None = Field(
+        None, description="Sidecar caption file extension (kohya's caption_extension, e.g. .txt); default: .txt, "
+        "else .caption."
+    )
+    class_tokens: str | None = Field(
+        None, description="Caption of images without a caption file (kohya's class_tokens; the token of a "
+        "`N_token` folder)."
+    )
+    caption_prefix: str | None = Field(None, description="Text put before every caption, joined by a space (as "
+                                       "sd-scripts); end it with a comma for tag captions.")
+    caption_suffix: str | None = Field(None, description="Text put after every caption, joined by a space.")
+    trigger_word: str | None = Field(None, description="As the top-level trigger_word, for this subset.")
+    keep_tokens: int | None = Field(None, ge=0, description="As the top-level keep_tokens, for this subset.")
+    shuffle_tags: bool | None = Field(None, description="As the top-level shuffle_tags, for this subset.")
+    caption_dropout: float | None = Field(None, ge=0, le=1, description="As the top-level caption_dropout.")
+    resolution: int | None = Field(None, ge=8, description="Training size of this subset (a multiple of 8; "
+                                   "bucket area with bucket: true). Default: the top-level resolution.")
+    alpha_mask: bool | None = Field(None, description="As the top-level alpha_mask, for this subset.")
+    mask_dir: Path | None = Field(None, description="As the top-level mask_dir, for this subset.")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8); use {max(8, value // 8 * 8)} or "
+                             f"{value // 8 * 8 + 8}")
+        return value
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _dot(cls, value: str | None) -> str | None:
+        return value if value is None or value.startswith(".") else f".{value}"
+
+
 class TrainConfig(_Strict):
     """A LoRA training run."""
 
     # --- the seed keys -------------------------------------------------------------------------------------------
     train_data_dir: Path | None = Field(
-        None, description="Folder of training images (image) or of data files (text). Required for image."
+        None, description="Folder of training images, or of sd-scripts `N_token` sub-folders (N repeats, the token "
+        "as caption of images without a caption file) (image); folder of data files (text). Required for image "
+        "unless datasets is set."
     )
     metadata_path: Path | None = Field(
         None,
@@ -113,7 +165,23 @@ class TrainConfig(_Strict):
     )
     use_dora: bool = Field(
         False, description="DoRA (weight-decomposed LoRA): also train a per-output-channel magnitude; exported with "
-        "kohya/LyCORIS `dora_scale` keys (ComfyUI loads them; diffusers' SD loaders drop them)."
+        "kohya/LyCORIS `dora_scale` keys. Only LyCORIS reproduces the trained result; ComfyUI, A1111 and sd-scripts "
+        "load the file but apply it differently (a warning at export says how), diffusers' SD loaders drop "
+        "`dora_scale`."
+    )
+    network_type: Literal["lora", "loha", "lokr"] = Field(
+        "lora", description="image: the adapter, all through peft: `lora`; `loha` (LyCORIS LoHa, Hadamard product of "
+        "two rank-`lora_rank` pairs); `lokr` (LyCORIS LoKr, Kronecker product). LoHa/LoKr are exported in LyCORIS's "
+        "key layout (`ss_network_module: lycoris.kohya`): LyCORIS, ComfyUI and A1111 load them; sd-scripts' "
+        "networks.lora and diffusers' SD loaders do not."
+    )
+    lokr_factor: int = Field(
+        -1, description="image, network_type lokr: LyCORIS's `factor`: split each dimension into factor x rest "
+        "(-1: as square as possible)."
+    )
+    lokr_decompose_both: bool = Field(
+        False, description="image, network_type lokr: LyCORIS's `decompose_both`: low-rank factor the smaller "
+        "Kronecker factor (lokr_w1_a/b) too."
     )
     conv_rank: int | None = Field(
         None, ge=1, le=1024, description="image: LoCon: also put LoRA of this rank on the UNet's ResNet 3x3 convs "
@@ -183,6 +251,26 @@ class TrainConfig(_Strict):
 
     # --- data ----------------------------------------------------------------------------------------------------
     resolution: int = Field(512, ge=8, description="Training image size (a multiple of 8): shorter side resized, then cropped square. Default 512; 1024 for SDXL models.")
+    datasets: list[DatasetSubset] | None = Field(
+        None, description="image: several folders (subsets) instead of train_data_dir's one, each with image_dir "
+        "and its own num_repeats, is_regularization, captions and caption options, resolution and masks "
+        "(sd-scripts' [[datasets.subsets]]; `lora-scripts import-kohya` writes it from a kohya dataset TOML)."
+    )
+    reg_data_dir: Path | None = Field(
+        None, description="image: regularisation (class) images, as sd-scripts' reg_data_dir: `N_class` sub-folders "
+        "(N repeats, the class as caption), or one folder of captioned images."
+    )
+    prior_loss_weight: float = Field(
+        1.0, ge=0, description="image: loss weight of regularisation images (sd-scripts' prior_loss_weight)."
+    )
+    alpha_mask: bool = Field(
+        False, description="image: masked loss from each image's alpha channel: transparent pixels do not train, "
+        "half-transparent ones half (kohya's alpha_mask); images without alpha train everywhere."
+    )
+    mask_dir: Path | None = Field(
+        None, description="image: masked loss from a folder of greyscale masks, one per image with the same name "
+        "stem and the image's size: white trains, black is ignored (kohya's masked_loss with conditioning_data_dir)."
+    )
     caption_source: Literal["auto", "csv", "sidecar", "kohya_json", "jsonl"] = Field(
         "auto", description="image: where captions come from; auto: metadata_path if it exists (.csv, kohya .json or "
         ".jsonl), else <train_data_dir>/metadata.jsonl, else sidecar .txt/.caption files.",
@@ -264,8 +352,9 @@ class TrainConfig(_Strict):
         "4-bit NormalFloat, bitsandbytes, CUDA only)."
     )
     blocks_to_swap: int = Field(
-        0, ge=0, description="image, transformer families: keep this many transformer blocks in (pinned) CPU memory "
-        "and copy each to the GPU just before it runs, one block prefetched on a side stream (block swap)."
+        0, ge=0, description="image, transformer families: keep the frozen weights of the last N transformer blocks "
+        "in (pinned) CPU memory and copy each to the GPU just before it runs, one block prefetched on a side stream, "
+        "in forward and backward (block swap; the LoRA stays on the GPU). Best with gradient_checkpointing."
     )
     memory_profile: Literal["manual", "auto"] = Field(
         "manual", description="auto: at the start of train, apply the cheapest memory settings (quantisation, "
@@ -273,8 +362,9 @@ class TrainConfig(_Strict):
         "in the checkpoint so a resume keeps them."
     )
     fsdp: bool = Field(
-        False, description="Shard the frozen base across processes (accelerate's FSDP2) instead of replicating it "
-        "in each (DDP): for DiT families and LLMs too large for one device."
+        False, description="Shard the frozen base across processes (accelerate's FSDP2, one unit per transformer "
+        "block or decoder layer) instead of replicating it in each (DDP): for DiT families and LLMs too large for "
+        "one device; launch with --nproc N. Checkpoints and the export gather the LoRA."
     )
     quantization: Literal["4bit"] | None = Field(
         None, description="The older spelling of base_quantization: nf4 (QLoRA); kept so existing configs run."
@@ -313,13 +403,20 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _defaults(self) -> "TrainConfig":
         if self.task == "image":
-            if self.train_data_dir is None:
-                raise ValueError("train_data_dir is required for the image task; set it to the folder of images")
-            if self.metadata_path is None:
+            if self.train_data_dir is None and not self.datasets:
+                raise ValueError("train_data_dir is required for the image task; set it to the folder of images "
+                                 "(or list folders under datasets:)")
+            if self.train_data_dir is not None and self.datasets:
+                raise ValueError("both train_data_dir and datasets are set; list every folder under datasets "
+                                 "(each with image_dir) and remove train_data_dir")
+            if self.train_data_dir is not None and self.metadata_path is None:
                 object.__setattr__(self, "metadata_path", self.train_data_dir / "metadata.csv")
         elif self.train_data_dir is None and self.metadata_path is None and self.dataset_info is None:
             raise ValueError("the text task needs train_data_dir (a folder of data files), metadata_path (one file) "
                              "or dataset_info; set one of them")
+        elif self.datasets or self.reg_data_dir or self.mask_dir or self.alpha_mask:
+            raise ValueError("datasets, reg_data_dir, mask_dir and alpha_mask are for the image task; remove them "
+                             "for task: text")
         if self.output_name is None:
             object.__setattr__(self, "output_name", self.output_dir.resolve().name or "lora")
         return self
@@ -329,8 +426,25 @@ class TrainConfig(_Strict):
         if self.conv_alpha is not None and self.conv_rank is None:
             raise ValueError("conv_alpha is set but conv_rank is not; set conv_rank (the rank of the conv LoRA) too, "
                              "or remove conv_alpha")
+        if self.fsdp and self.blocks_to_swap:
+            raise ValueError("fsdp and blocks_to_swap both move the frozen base off the device; use one of them "
+                             "(fsdp across several GPUs, blocks_to_swap on one)")
         if self.conv_rank is not None and self.task != "image":
             raise ValueError("conv_rank (LoCon) is for the image task's UNet convs; remove it for task: text")
+        if self.network_type != "lora":
+            kind = self.network_type
+            if self.task != "image":
+                raise ValueError(f"network_type: {kind} is for the image task; use lora for task: text")
+            for key, bad in (("use_dora", self.use_dora), ("use_rslora", self.use_rslora),
+                             ("lora_dropout", self.lora_dropout > 0)):
+                if bad:
+                    raise ValueError(f"{key}: peft's {'LoKr' if kind == 'lokr' else 'LoHa'} has no {key}; "
+                                     f"remove it or use network_type: lora")
+        if self.network_type != "lokr" and ("lokr_factor" in self.model_fields_set
+                                            or "lokr_decompose_both" in self.model_fields_set):
+            raise ValueError("lokr_factor / lokr_decompose_both are LoKr options; set network_type: lokr or remove them")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ValueError(f"lokr_factor: {self.lokr_factor} is not a factor; use -1 or a positive integer")
         return self
 
     @model_validator(mode="after")

@@ -291,6 +291,19 @@ def make_captioned_images(folder: Path, count: int = 8, size: int = 48, seed: in
     return folder
 
 
+def make_kohya_tree(root: Path, folders: dict[str, int], sidecars: bool = False, size: int = 48) -> Path:
+    """An sd-scripts style ``train_data_dir``: one ``N_token`` sub-folder per entry of ``folders`` (name -> image
+    count), captions in sidecar ``.txt`` files when ``sidecars``, else none (the folder's token is the caption)."""
+    root = Path(root)
+    for seed, (name, count) in enumerate(folders.items()):
+        folder = make_captioned_images(root / name, count=count, size=size, seed=seed)
+        (folder / "metadata.csv").unlink()
+        if sidecars:
+            for image in folder.glob("*.png"):
+                image.with_suffix(".txt").write_text(f"{name.split('_', 1)[-1]}, {image.stem}", encoding="utf-8")
+    return root
+
+
 def tiny_image_config(model_dir: Path, data_dir: Path, output_dir: Path, **overrides) -> dict:
     """A config dict for a quick CPU run on the tiny model (seed keys plus what tests usually set)."""
     cfg = {

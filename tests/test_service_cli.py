@@ -88,3 +88,22 @@ def test_core_does_not_import_the_service():
             "or m.startswith('lora_scripts.service')))")
     out = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_allow_remote_code_comes_from_the_flag_or_the_environment(tmp_path, monkeypatch):
+    from lora_scripts.cli import build_parser
+    from lora_scripts.errors import ConfigError
+    from lora_scripts.service.serve import settings_from_args
+
+    def allowed(*extra: str) -> bool:
+        return settings_from_args(build_parser().parse_args(["serve", "--home", str(tmp_path), *extra])).allow_remote_code
+
+    monkeypatch.delenv("LORA_SCRIPTS_ALLOW_REMOTE_CODE", raising=False)
+    assert not allowed() and allowed("--allow-remote-code")
+    monkeypatch.setenv("LORA_SCRIPTS_ALLOW_REMOTE_CODE", "1")  # the Kubernetes ConfigMap's way
+    assert allowed()
+    monkeypatch.setenv("LORA_SCRIPTS_ALLOW_REMOTE_CODE", "0")
+    assert not allowed()
+    monkeypatch.setenv("LORA_SCRIPTS_ALLOW_REMOTE_CODE", "maybe")
+    with pytest.raises(ConfigError, match="LORA_SCRIPTS_ALLOW_REMOTE_CODE: 'maybe' is not"):
+        allowed()

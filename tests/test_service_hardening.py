@@ -462,3 +462,34 @@ def test_sidecar_captions_are_counted(service):
     service.put(f"/api/datasets/{service.dataset}/captions", json={"captions": {"b.png": "blue"}}, headers=AUTH)
     res = service.get(f"/api/datasets/{service.dataset}", headers=AUTH).json()
     assert (res["captioned"], res["sidecar_only"]) == (1, 1)  # metadata.csv now wins: the console says so
+
+
+def test_remote_code_jobs_need_the_operators_flag(tmp_path):
+    """trust_remote_code: true runs a model folder's Python with the service's permissions: refused (422, one line
+    naming the key and the flag) unless the server was started with --allow-remote-code; a job queued while it was
+    allowed cannot be resumed after a restart without it."""
+    import yaml
+
+    body = {"config_yaml": "task: text\ntrust_remote_code: yes\n",
+            "config": {"base_model": "models/m", "train_data_dir": "datasets/d"}}
+    home = tmp_path / "home"
+    with client_for(home, run_jobs=False) as client:
+        for path in ("/api/jobs/validate", "/api/jobs"):
+            res = client.post(path, json=body, headers=AUTH)
+            assert res.status_code == 422, res.text
+            [error] = res.json()["detail"]
+            assert error["loc"] == ["body", "config", "trust_remote_code"] and "\n" not in error["msg"]
+            assert "--allow-remote-code" in error["msg"]
+        assert client.get("/api/jobs", headers=AUTH).json() == []
+        assert client.post("/api/jobs/validate", json={**body, "config_yaml": "task: text\n"},
+                           headers=AUTH).status_code == 200
+    with client_for(home, run_jobs=False, allow_remote_code=True) as client:
+        res = client.post("/api/jobs", json=body, headers=AUTH)
+        assert res.status_code == 201, res.text
+        job = res.json()["id"]
+        assert yaml.safe_load(client.get(f"/api/jobs/{job}/config", headers=AUTH).text)["trust_remote_code"] is True
+        assert client.post(f"/api/jobs/{job}/cancel", headers=AUTH).json()["state"] == "cancelled"
+    with client_for(home, run_jobs=False) as client:
+        res = client.post(f"/api/jobs/{job}/resume", headers=AUTH)
+        assert res.status_code == 422 and "--allow-remote-code" in res.json()["detail"]
+        assert client.get(f"/api/jobs/{job}", headers=AUTH).json()["state"] == "cancelled"

@@ -453,11 +453,16 @@ def test_packed_loss_equals_per_sample_loss(tok):
     assert packed.loss.item() == pytest.approx(sum(alone) / sum((labels[0, 1:] != td.IGNORE_INDEX).tolist()), abs=1e-5)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen"])
 def test_flat_packing_without_mask_keeps_each_samples_loss(tok, attn):
     """collate_flat (no mask tensor, position ids restarting per sample; what the text task trains with) gives
-    each sample the loss it has alone, under SDPA (the default) and eager attention (issue 16 point 7)."""
+    each sample the loss it has alone, under SDPA (the default), eager attention and the per-sample SDPA that packed
+    runs use on CPU (issue 16 point 7)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_scripts.tasks.packed_attention import register
+
+    attn = register() if attn == "varlen" else attn
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -194,3 +194,61 @@ def test_export_names_base_portably_and_warns_about_rslora_and_dora(text_cfg, tm
     assert portable_base_name(str(cache)) == "Qwen/Qwen2.5-7B"
     # the merge still finds the base through our own metadata
     assert main(["export", "--adapter", str(adapter), "--merge", "--output", str(tmp_path / "merged")]) == 0
+
+
+def test_packed_and_unpacked_batches_give_the_same_loss_and_gradient(text_cfg):
+    """The whole data set as one packed batch and as one padded batch, through the task's own collate and loss: the
+    same summed loss and LoRA gradient (packing changes the layout, never what is learned)."""
+    from lora_scripts.tasks.packed_attention import VARLEN_SDPA
+    from lora_scripts.tasks.text import TextTask
+
+    tasks = {packing: TextTask(text_cfg(packing=packing)) for packing in (True, False)}
+    for task in tasks.values():
+        task.check_data()
+        task.device = torch.device("cpu")
+    model = tasks[True].load_model(torch.device("cpu"), torch.float32)
+    assert model.config._attn_implementation == VARLEN_SDPA
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero, which would leave A without a gradient
+            param.data.normal_(0, 0.05)
+    grads, losses = {}, {}
+    for packing, task in tasks.items():
+        items = task.rows if packing else task.samples
+        model.zero_grad()
+        batch = task.collate(items)
+        assert batch["input_ids"].shape[0] == (1 if packing else len(items))  # packed: one padding-free row
+        loss = task.loss(model, batch)
+        loss.backward()
+        losses[packing] = loss.item()
+        grads[packing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert len(tasks[True].rows) < len(tasks[False].samples)  # rows hold several samples
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    for name, grad in grads[False].items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_model_with_its_own_code_needs_trust_remote_code(text_cfg, tiny_lms, tmp_path, capsys):
+    """A model folder that ships Python (auto_map, like ChatGLM3): without trust_remote_code, one line saying which
+    key to set, and the folder's code never runs."""
+    import shutil
+
+    folder = shutil.copytree(tiny_lms["llama"], tmp_path / "remote-lm")
+    ran = tmp_path / "remote-code-ran"
+    for module, base in (("configuration_remote", "LlamaConfig"), ("modeling_remote", "LlamaForCausalLM")):
+        (folder / f"{module}.py").write_text(f"open({str(ran)!r}, 'w').close()\nfrom transformers import {base}\n\n\n"
+                                             f"class Remote{base[5:]}({base}):\n    model_type = 'remote-llama'\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="remote-llama", architectures=["RemoteForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_remote.RemoteConfig",
+                            "AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    cfg = text_cfg(base_model=str(folder)).to_yaml_dict()
+    for command in ("check", "train"):
+        code = main([command, "--config", str(write_yaml(tmp_path / "remote.yaml", cfg))]
+                    + (["--no-progress"] if command == "train" else []))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("error: base_model: ") and "\n" not in err, err
+        assert "set trust_remote_code: true if you trust that code" in err, err
+    assert not ran.exists()

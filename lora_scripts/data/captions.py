@@ -29,20 +29,22 @@ def resolve_caption_source(train_data_dir: Path, metadata_path: Path, source: st
     return "csv"  # read_metadata explains what is missing
 
 
-def read_captions(train_data_dir: Path, metadata_path: Path, source: str = "auto") -> tuple[list[CaptionedImage], str]:
-    """All (image, caption) pairs and the description of where they came from."""
+def read_captions(train_data_dir: Path, metadata_path: Path, source: str = "auto",
+                  problems: list[str] | None = None) -> tuple[list[CaptionedImage], str]:
+    """All (image, caption) pairs and the description of where they came from. With ``problems``, entries that
+    name a missing image are listed there instead of stopping the read."""
     check_data_dir(train_data_dir)
     kind = resolve_caption_source(train_data_dir, metadata_path, source)
     if kind == "csv":
-        return read_metadata(train_data_dir, metadata_path), str(metadata_path)
+        return read_metadata(train_data_dir, metadata_path, problems), str(metadata_path)
     if kind == "sidecar":
         return _read_sidecars(train_data_dir), f"sidecar caption files in {train_data_dir}"
     path = metadata_path if metadata_path.is_file() or kind == "kohya_json" else train_data_dir / "metadata.jsonl"
     if not path.is_file():
         raise DataError(f"metadata_path not found: {path} (caption_source: {kind})")
     if kind == "kohya_json":
-        return _read_kohya_json(train_data_dir, path), str(path)
-    return _read_jsonl(train_data_dir, path), str(path)
+        return _read_kohya_json(train_data_dir, path, problems), str(path)
+    return _read_jsonl(train_data_dir, path, problems), str(path)
 
 
 def _read_sidecars(folder: Path) -> list[CaptionedImage]:
@@ -83,7 +85,13 @@ def _loads(path: Path, line: int, text: str) -> object:
         raise DataError(f"{path}:{line}: invalid JSON ({str(exc)[:80]}); fix the value there") from None
 
 
-def _read_kohya_json(folder: Path, path: Path) -> list[CaptionedImage]:
+def _missing(problems: list[str] | None, message: str) -> None:
+    if problems is None:
+        raise DataError(message)
+    problems.append(message)
+
+
+def _read_kohya_json(folder: Path, path: Path, problems: list[str] | None = None) -> list[CaptionedImage]:
     """kohya's fine-tuning metadata: ``{image_key: {"caption": ..., "tags": ...}}``; caption and tags are joined."""
     data = _loads(path, 1, read_text_file(path, "metadata_path"))
     if not isinstance(data, dict):
@@ -96,14 +104,15 @@ def _read_kohya_json(folder: Path, path: Path) -> list[CaptionedImage]:
         caption = ", ".join(str(entry[k]).strip() for k in ("caption", "tags") if entry.get(k))
         image = _find_image(folder, key) or _find_image(folder, Path(key).name)
         if image is None:
-            raise DataError(f"{path}: image for key {key!r} not found in {folder}; fix the key or remove the entry")
+            _missing(problems, f"{path}: image for key {key!r} not found in {folder}; fix the key or remove the entry")
+            continue
         samples.append(CaptionedImage(image, caption))
-    if not samples:
+    if not samples and not problems:
         raise DataError(f"{path}: no entries")
     return samples
 
 
-def _read_jsonl(folder: Path, path: Path) -> list[CaptionedImage]:
+def _read_jsonl(folder: Path, path: Path, problems: list[str] | None = None) -> list[CaptionedImage]:
     """Imagefolder ``metadata.jsonl``: one ``{"file_name": ..., "text": ...}`` per line (also image/caption/prompt)."""
     samples = []
     for line_no, line in enumerate(read_text_file(path, "metadata_path").split("\n"), start=1):
@@ -117,8 +126,10 @@ def _read_jsonl(folder: Path, path: Path) -> list[CaptionedImage]:
                             '{"file_name": "img.png", "text": "..."}')
         image = _find_image(folder, str(name))
         if image is None:
-            raise DataError(f"{path}:{line_no}: image '{name}' not found in {folder}; fix the name or remove the line")
+            _missing(problems, f"{path}:{line_no}: image '{name}' not found in {folder}; fix the name or remove "
+                     "the line")
+            continue
         samples.append(CaptionedImage(image, str(text).strip()))
-    if not samples:
+    if not samples and not problems:
         raise DataError(f"{path}: no rows")
     return samples

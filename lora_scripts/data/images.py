@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageChops, ImageOps
 
 from ..errors import DataError
 
@@ -23,6 +23,8 @@ REQUIRED_COLUMNS = ("filename", "prompt")
 class CaptionedImage:
     path: Path
     prompt: str
+    subset: int = 0  # index of its subset (see .subsets)
+    mask: Path | None = None  # its mask image, when the subset has a mask_dir
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,9 @@ def read_text_file(path: Path, what: str = "file") -> str:
         raise DataError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8") from None
 
 
-def read_metadata(train_data_dir: Path, metadata_path: Path) -> list[CaptionedImage]:
-    """Parse ``metadata.csv`` (header ``filename,prompt``); every error names the file and line."""
+def read_metadata(train_data_dir: Path, metadata_path: Path, problems: list[str] | None = None) -> list[CaptionedImage]:
+    """Parse ``metadata.csv`` (header ``filename,prompt``); every error names the file and line. With ``problems``,
+    rows naming a missing image are listed there instead of stopping the read (the check goes on)."""
     check_data_dir(train_data_dir)
     if not metadata_path.exists():
         raise DataError(
@@ -68,13 +71,14 @@ def read_metadata(train_data_dir: Path, metadata_path: Path) -> list[CaptionedIm
     # newline="": line breaks inside quoted prompts are kept as written, and \r, \n, \r\n all end a row
     reader = csv.reader(io.StringIO(read_text_file(metadata_path, "metadata_path"), newline=""))
     try:
-        return _read_rows(reader, train_data_dir, metadata_path)
+        return _read_rows(reader, train_data_dir, metadata_path, problems)
     except csv.Error as exc:
         raise DataError(f"{metadata_path}:{reader.line_num}: malformed CSV ({exc}); quote prompts that hold commas, "
                         "quotes or line breaks (the csv module or lora-scripts label write them correctly)") from None
 
 
-def _read_rows(reader: Any, train_data_dir: Path, metadata_path: Path) -> list[CaptionedImage]:
+def _read_rows(reader: Any, train_data_dir: Path, metadata_path: Path,
+               problems: list[str] | None = None) -> list[CaptionedImage]:
     header = next(reader, None)
     if header is None:
         raise DataError(f"{metadata_path}: the file is empty; expected a header line `filename,prompt`")
@@ -99,10 +103,14 @@ def _read_rows(reader: Any, train_data_dir: Path, metadata_path: Path) -> list[C
             raise DataError(f"{metadata_path}:{line}: empty filename; name the image or remove the line")
         path = train_data_dir / name
         if not path.is_file():
-            raise DataError(f"{metadata_path}:{line}: image '{name}' not found in {train_data_dir}; fix the name "
-                            "or remove the line")
+            message = (f"{metadata_path}:{line}: image '{name}' not found in {train_data_dir}; fix the name or "
+                       "remove the line")
+            if problems is None:
+                raise DataError(message)
+            problems.append(message)
+            continue
         samples.append(CaptionedImage(path, prompt))
-    if not samples:
+    if not samples and not problems:
         raise DataError(f"{metadata_path}: no rows after the header; add one `filename,prompt` line per image")
     return samples
 
@@ -148,13 +156,50 @@ def load_image(
     random_flip: bool = False,
 ) -> tuple[np.ndarray, Crop]:
     """:func:`load_image_tensor` plus the :class:`Crop` it took."""
+    pixels, crop, _ = load_image_and_mask(path, resolution, rng, random_crop, random_flip)
+    return pixels, crop
+
+
+def _grey(img: Image.Image) -> Image.Image:
+    """A PIL image as 8-bit RGB-able: 16-bit or float grey scaled, not clipped at 255."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        grey = np.asarray(img, dtype=np.float32)
+        top = 1.0 if img.mode == "F" and grey.max() <= 1.0 else 65535.0 if grey.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(grey * (255.0 / top), 0, 255).round().astype(np.uint8))
+    return img
+
+
+def has_alpha(img: Image.Image) -> bool:
+    """Whether a PIL image carries transparency (RGBA, LA, PA or a palette with a transparent index)."""
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+
+
+def read_mask(mask_path: Path, size: tuple[int, int]) -> Image.Image:
+    """A mask file as 8-bit grey, upright, at ``size`` (the check reports a mask of another size)."""
+    with Image.open(mask_path) as mask:
+        mask = ImageOps.exif_transpose(mask)
+        mask = _grey(mask).convert("L")
+        return mask if mask.size == size else mask.resize(size, Image.Resampling.BILINEAR)
+
+
+def load_image_and_mask(
+    path: Path, resolution: int | tuple[int, int], rng: np.random.Generator, random_crop: bool = False,
+    random_flip: bool = False, *, mask_path: Path | None = None, alpha_mask: bool = False,
+) -> tuple[np.ndarray, Crop, np.ndarray | None]:
+    """:func:`load_image` plus the loss mask (float32 HW in [0, 1], None when neither ``mask_path`` nor
+    ``alpha_mask`` is given): the image's alpha channel and/or the mask file, multiplied, resized, cropped and
+    flipped exactly as the image is."""
     target_w, target_h = (resolution, resolution) if isinstance(resolution, int) else resolution
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
-        if img.mode in ("I", "F") or img.mode.startswith("I;16"):  # 16-bit or float grey: scale, don't clip at 255
-            grey = np.asarray(img, dtype=np.float32)
-            top = 1.0 if img.mode == "F" and grey.max() <= 1.0 else 65535.0 if grey.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(grey * (255.0 / top), 0, 255).round().astype(np.uint8))
+        img = _grey(img)
+        mask: Image.Image | None = None
+        if alpha_mask or mask_path is not None:
+            mask = Image.new("L", img.size, 255)
+            if alpha_mask and has_alpha(img):
+                mask = img.convert("RGBA").getchannel("A")
+            if mask_path is not None:
+                mask = ImageChops.multiply(mask, read_mask(mask_path, img.size))
         if img.mode in ("RGBA", "LA", "P") and (img.mode != "P" or "transparency" in img.info):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -169,11 +214,27 @@ def load_image(
             top = int(rng.integers(0, new_h - target_h + 1))
         else:
             left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
-        img = img.crop((left, top, left + target_w, top + target_h))
-        if random_flip and rng.random() < 0.5:
+        box = (left, top, left + target_w, top + target_h)
+        img = img.crop(box)
+        flip = random_flip and rng.random() < 0.5
+        if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return np.ascontiguousarray(array.transpose(2, 0, 1)), Crop((h, w), (top, left))
+        mask_array = None
+        if mask is not None:  # the same geometry as the image (bilinear: a mask has no detail to sharpen)
+            mask = mask.resize((new_w, new_h), Image.Resampling.BILINEAR).crop(box)
+            if flip:
+                mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            mask_array = np.asarray(mask, dtype=np.float32) / 255.0
+    return np.ascontiguousarray(array.transpose(2, 0, 1)), Crop((h, w), (top, left)), mask_array
+
+
+def latent_mask(mask: np.ndarray, factor: int) -> np.ndarray:
+    """A pixel mask averaged over each ``factor`` x ``factor`` block: its weight per latent pixel (the area
+    interpolation sd-scripts uses; exact because image sides are multiples of the factor)."""
+    h, w = mask.shape
+    return mask[: h // factor * factor, : w // factor * factor].reshape(h // factor, factor, w // factor,
+                                                                          factor).mean(axis=(1, 3))
 
 
 def center_crop(width: int, height: int, resolution: int | tuple[int, int]) -> Crop:

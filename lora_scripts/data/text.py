@@ -356,15 +356,25 @@ def collate_packed(rows: list[PackedRow], pad_id: int, dtype: torch.dtype | None
             "attention_mask": torch.cat([packed_attention_mask(r.seq_lens, length, dtype) for r in rows])}
 
 
-def collate_flat(rows: list[PackedRow], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_flat(rows: list[PackedRow], pad_id: int, flatten: bool = False) -> dict[str, torch.Tensor]:
     """Packed rows without any mask tensor: ``position_ids`` restarting at 0 per sample are what tells the model
-    where samples start. transformers turns them into per-sample attention (flash-attn varlen on a GPU; a block
-    mask built inside SDPA's path otherwise) when no ``attention_mask`` and no KV cache are passed (the task runs
-    with ``use_cache=False``). Pads: label -100, position 0, so each pad is a sequence of its own."""
+    where samples start. Per-sample attention follows from them when no ``attention_mask`` and no KV cache are
+    passed (the task runs with ``use_cache=False``): :mod:`lora_scripts.tasks.packed_attention` on CPU,
+    flash-attn varlen on a GPU that has it. Pads: label -100, positions 0, 1, 2... so a row's padding is one
+    sequence of its own after the last sample (no sample attends to it).
+
+    ``flatten``: all rows as one ``[1, N]`` row without any padding (TRL's padding-free layout). transformers'
+    flash-attn path reads samples from position ids only in a batch of one row; a longer batch would attend
+    across the samples of each row. No label is lost: every sample's first label is already masked (:func:`pack`).
+    """
+    if flatten:
+        return {key: torch.tensor([[v for r in rows for v in getattr(r, key)]], dtype=torch.long)
+                for key in ("input_ids", "labels", "position_ids")}
     length = max(len(r.input_ids) for r in rows)
     return {"input_ids": _pad([r.input_ids for r in rows], pad_id, length),
             "labels": _pad([r.labels for r in rows], IGNORE_INDEX, length),
-            "position_ids": _pad([r.position_ids for r in rows], 0, length)}
+            "position_ids": torch.tensor([r.position_ids + list(range(length - len(r.position_ids))) for r in rows],
+                                         dtype=torch.long)}
 
 
 def collate_padded(samples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:

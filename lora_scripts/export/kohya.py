@@ -14,9 +14,11 @@ Key layout, as sd-scripts writes it (and A1111's ``extensions-builtin/Lora`` and
 - Per module: ``.lora_down.weight`` (peft ``lora_A``), ``.lora_up.weight`` (``lora_B``), ``.alpha`` (the true alpha:
   a 3x3-conv LoCon module gets ``conv_alpha``), and for DoRA ``.dora_scale``, peft's ``lora_magnitude_vector`` in the
   LyCORIS ``wd_on_output`` layout (its default): ``(out, 1)`` for linear layers, ``(out, 1, 1, 1)`` for convs. peft's
-  DoRA normalises per output channel, so this is the only layout that holds it exactly. Consumers: ComfyUI (recent)
-  reads the axis from ``dora_scale.shape[0] == out``; A1111's Lora extension only knows the input axis ``(1, in)``
-  (true of LyCORIS's default DoRA files too); diffusers' SD/SDXL loaders drop ``dora_scale`` keys with a warning.
+  DoRA normalises per output channel, so this is the only layout that holds it exactly. Consumers: only LyCORIS
+  reproduces the trained result. ComfyUI (recent) reads the axis from ``dora_scale.shape[0] == out`` but divides by
+  the norm of the base weight instead of the merged one; A1111's Lora extension only knows the input axis
+  ``(1, in)``; sd-scripts ignores ``dora_scale``; diffusers' SD/SDXL loaders drop it with a warning
+  (:data:`lora_scripts.lora.DORA_WARNING`, printed at export).
 """
 
 from __future__ import annotations

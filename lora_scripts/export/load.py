@@ -108,12 +108,26 @@ def apply_network_weights(
     ``set_peft_model_state_dict``), checking that every tensor landed."""
     from peft import set_peft_model_state_dict
 
-    states = load_network_weights(path, modules, family=family, adapter_name=adapter_name, tensors=tensors)
+    if _is_lycoris_run(modules, adapter_name):  # LoHa / LoKr: LyCORIS-layout files only
+        from .lycoris import load_lycoris_weights
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"network_weights: '{path}' is not a file; a LoHa/LoKr run continues from a LyCORIS "
+                              ".safetensors file")
+        states = load_lycoris_weights(path, _read_tensors(path)[0], modules, family=family, adapter=adapter_name)
+    else:
+        states = load_network_weights(path, modules, family=family, adapter_name=adapter_name, tensors=tensors)
     for part, state in states.items():
         result = set_peft_model_state_dict(modules[part], state, adapter_name=adapter_name)
         unexpected = getattr(result, "unexpected_keys", None) or []
         if unexpected:
             raise RuntimeError(f"{part}: peft did not take {len(unexpected)} tensors, e.g. {unexpected[:_SHOW]}")
+
+
+def _is_lycoris_run(modules: Mapping[str, torch.nn.Module], adapter_name: str) -> bool:
+    configs = [getattr(m, "peft_config", {}).get(adapter_name) for m in modules.values()]
+    return any(c is not None and str(getattr(c, "peft_type", "")).endswith(("LOHA", "LOKR")) for c in configs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,8 +226,9 @@ def _read_kohya(path: Path, tensors: Mapping[str, torch.Tensor], targets: Mappin
     for key, tensor in tensors.items():
         name, _, kind = key.partition(".")
         if kind not in _KOHYA_KINDS:
-            raise ConfigError(f"network_weights: '{path}' holds '{key}', which is not plain LoRA/LoCon/DoRA "
-                              "(LoHa, LoKr and other LyCORIS types cannot continue as a peft LoRA)")
+            hint = {"hada_": "set network_type: loha", "lokr_": "set network_type: lokr"}
+            fix = next((v for k, v in hint.items() if kind.startswith(k)), "other LyCORIS types cannot continue here")
+            raise ConfigError(f"network_weights: '{path}' holds '{key}', which is not plain LoRA/LoCon/DoRA; {fix}")
         part, module = lookup.get(name, ("?", name))
         entry = found.setdefault(part, {}).setdefault(module, _Found(name=name, kohya=True))
         if kind == "lora_down.weight":

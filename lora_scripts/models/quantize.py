@@ -37,6 +37,10 @@ def check_base_quantization(cfg: Any) -> None:
     kind = cfg.base_quantization
     if kind == "none":
         return
+    for key in ("blocks_to_swap", "fsdp"):
+        if getattr(cfg, key, None):
+            raise ConfigError(f"{_spelling(cfg)} with {key} is not supported yet (quantised weights are neither "
+                              f"swapped nor sharded here); remove {key} or set base_quantization: none")
     if kind == "nf4":
         if not torch.cuda.is_available():
             raise ConfigError(f"{_spelling(cfg)} (QLoRA) needs a CUDA GPU (bitsandbytes); use base_quantization: "

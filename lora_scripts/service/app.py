@@ -79,6 +79,7 @@ class ServiceSettings:
     allowed_hosts: list[str] = field(default_factory=list)  # Host names served besides localhost and the bind address
     model_roots: list[Path] = field(default_factory=list)  # folders jobs may read besides <home>/datasets and models
     max_streams: int = 8  # concurrent log streams (follow=true) per token
+    allow_remote_code: bool = False  # accept jobs with trust_remote_code: true (a model folder's own Python code)
 
     def resolved(self) -> "ServiceSettings":
         """Fill in the defaults that depend on the environment and the home folder."""

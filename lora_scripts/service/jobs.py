@@ -20,6 +20,9 @@ from .job_paths import confine_paths
 from .security import SAFE_NAME
 
 SERVICE_KEYS = ("resume",)
+REMOTE_CODE_REFUSED = ("trust_remote_code: true would run the model's own Python code on this server; the operator "
+                       "must start the service with --allow-remote-code (LORA_SCRIPTS_ALLOW_REMOTE_CODE=1) to allow "
+                       "it, or remove the key")
 
 
 class JobConfigError(Exception):
@@ -72,12 +75,13 @@ def output_name_for(job_name: str | None) -> str:
 
 def build_job_config(
     home: Path, job_dir: Path, config_yaml: str | None, fields: dict[str, Any] | None, dataset_dir: Path | None,
-    job_name: str | None = None, read_roots: list[Path] | None = None,
+    job_name: str | None = None, read_roots: list[Path] | None = None, allow_remote_code: bool = False,
 ) -> TrainConfig:
     """Validate a submission: YAML first, form ``fields`` on top, the dataset's folders unless given, the path
     policy (inputs inside ``read_roots``, default the home's datasets and models), then the trainer's schema.
-    Raises :class:`JobConfigError` listing every problem found. The LoRA file is named after the job unless
-    ``output_name`` is set."""
+    ``trust_remote_code: true`` only when the operator allowed it (``allow_remote_code``): it runs code that came
+    with a model folder, with the service's permissions. Raises :class:`JobConfigError` listing every problem
+    found. The LoRA file is named after the job unless ``output_name`` is set."""
     data = parse_yaml(config_yaml or "")
     data.update({k: v for k, v in (fields or {}).items() if v is not None and v != ""})
     data.setdefault("output_name", output_name_for(job_name))
@@ -103,6 +107,8 @@ def build_job_config(
         seen = {tuple(e["loc"]) for e in errors}  # a refused path is reported once, by the policy
         errors.extend(e for e in _pydantic_errors(err) if tuple(e["loc"]) not in seen)
         raise JobConfigError(errors) from None
+    if cfg.trust_remote_code and not allow_remote_code:  # checked on the validated value ("yes", "true" count too)
+        errors.append(_error(["config", "trust_remote_code"], REMOTE_CODE_REFUSED))
     if errors:
         raise JobConfigError(errors)
     return cfg

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from .app import ERROR_RESPONSES, Service, get_service, require_read, require_write
-from .jobs import JobConfigError, build_job_config, dump_job_config
+from .jobs import REMOTE_CODE_REFUSED, JobConfigError, build_job_config, dump_job_config
 from .metrics import read_loss_csv
 from .runner import job_dir
 from .security import is_inside
@@ -44,7 +44,8 @@ def _validate(svc: Service, body: JobIn, job_id: str):
         raise JobConfigError([{"loc": ["config"], "msg": "give config (form fields) or config_yaml",
                                "type": "missing"}])
     return build_job_config(svc.home, job_dir(svc.home, job_id), body.config_yaml, body.config, dataset_dir,
-                            job_name=body.name, read_roots=svc.read_roots())
+                            job_name=body.name, read_roots=svc.read_roots(),
+                            allow_remote_code=svc.settings.allow_remote_code)
 
 
 def _config_errors(exc: JobConfigError) -> JSONResponse:
@@ -146,6 +147,8 @@ def cancel_job(job_id: str, svc: Service = Depends(get_service)) -> dict[str, An
 def resume_job(job_id: str, svc: Service = Depends(get_service)) -> dict[str, Any]:
     """Queue a cancelled or failed job again; it continues from its latest checkpoint."""
     job = svc.job_or_404(job_id)
+    if not svc.settings.allow_remote_code and (yaml.safe_load(job["config_yaml"]) or {}).get("trust_remote_code"):
+        raise HTTPException(422, REMOTE_CODE_REFUSED)  # queued while allowed; the server now runs without the flag
     if not svc.store.resume(job_id):
         raise HTTPException(409, f"job {job_id} is {job['state']}; only cancelled or failed jobs can be resumed")
     if svc.runner is not None:

@@ -51,7 +51,17 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         allowed_hosts=list(getattr(args, "allowed_host", None) or [])
         + [h for h in os.environ.get("LORA_SCRIPTS_ALLOWED_HOSTS", "").split(",") if h.strip()],
         model_roots=[Path(p) for p in model_roots],
+        allow_remote_code=bool(getattr(args, "allow_remote_code", False))
+        or _env_flag("LORA_SCRIPTS_ALLOW_REMOTE_CODE"),
     )
+
+
+def _env_flag(name: str) -> bool:
+    """A yes/no environment variable (1/true/yes or 0/false/no/empty); anything else is a one-line error."""
+    value = os.environ.get(name, "").strip().lower()
+    if value not in ("", "0", "false", "no", "1", "true", "yes"):
+        raise ConfigError(f"{name}: {value!r} is not 1/true/yes or 0/false/no")
+    return value in ("1", "true", "yes")
 
 
 def prepare_demo(settings: ServiceSettings) -> None:

@@ -124,6 +124,12 @@ class Task(ABC):
         group of every trainable parameter at ``learning_rate``."""
         return None
 
+    def shard_classes(self, model: "torch.nn.Module") -> list[str]:
+        """``fsdp``: class names of the blocks FSDP shards one by one (each gathered just before it runs)."""
+        from ..errors import ConfigError
+
+        raise ConfigError(f"fsdp: the {self.name} task cannot shard its model; remove fsdp")
+
     def validation_dataset(self) -> "Dataset | None":
         """Held-out samples (keyed like :meth:`dataset`) whose mean loss is logged as ``eval_loss``."""
         return None

@@ -33,6 +33,7 @@ from ..data.text import (
     tokenize_dataset,
 )
 from ..errors import ConfigError
+from ..offload import enable_offloaded_checkpointing
 from ..lora import make_lora_config
 from ..models.quantize import check_base_quantization, quantize_frozen, skip_quantized_in_ddp
 from .base import DataSummary, RunInfo, SampleKey, Task, require_hub_id
@@ -58,11 +59,17 @@ class _ListDataset(Dataset):
         return self.items[key[0]]
 
 
-def _hub_or_folder(value: str, what: str, marker: str) -> None:
+def _hub_or_folder(value: str, what: str, marker: str, trust_remote_code: bool = False) -> None:
     path = Path(value).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / marker).is_file():
             raise ConfigError(f"{what}: '{value}' is not a transformers model folder (no {marker})")
+        from transformers import AutoConfig
+
+        try:  # reads config.json only: a model that needs its own code is refused here, in `check`, not at load
+            AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise _load_error(what, value, exc) from None
         return
     require_hub_id(value, what)
 
@@ -101,6 +108,7 @@ class TextTask(Task):
     """LoRA on a causal language model."""
 
     name = "text"
+    flatten_packed = False  # packed batches as one padding-free row (set with the attention that needs it)
 
     # --- checks (tokenizer, no model) ----------------------------------------------------------------------------
     def check_base_model(self) -> None:
@@ -108,7 +116,10 @@ class TextTask(Task):
 
         check_environment(self.cfg)
         check_base_quantization(self.cfg)
-        _hub_or_folder(self.cfg.base_model, "base_model", "config.json")
+        if self.cfg.blocks_to_swap:
+            raise ConfigError("blocks_to_swap: block swap is for the image task's transformer families; for a causal "
+                              "LM remove it and use gradient_checkpointing: offload, base_quantization or fsdp: true")
+        _hub_or_folder(self.cfg.base_model, "base_model", "config.json", self.cfg.trust_remote_code)
         if self.cfg.network_weights is not None and not (Path(self.cfg.network_weights) / "adapter_config.json").is_file():
             raise ConfigError(f"network_weights: '{self.cfg.network_weights}' is not a PEFT adapter folder "
                               "(no adapter_config.json)")
@@ -220,6 +231,16 @@ class TextTask(Task):
         except (OSError, ValueError) as exc:
             raise _load_error("base_model", cfg.base_model, exc) from None
         model.requires_grad_(False)
+        if cfg.packing:  # per-sample attention without an L x L mask (packed_attention.py says why and how)
+            from .packed_attention import packed_attention_for, register
+
+            if (attention := packed_attention_for(model.config, device, weight_dtype)) is not None:
+                try:
+                    model.set_attn_implementation(attention)
+                except (ValueError, ImportError):  # flash-attn installed, but this model class does not support it
+                    model.set_attn_implementation(attention := register())
+                # both read samples from position ids in one padding-free row (a remote-code model keeps its own)
+                self.flatten_packed = model.config._attn_implementation == attention
         if nf4:
             from peft import prepare_model_for_kbit_training
 
@@ -278,9 +299,19 @@ class TextTask(Task):
         return [model], model, make_batch
 
     def enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if self.cfg.gradient_checkpointing == "offload":
+            enable_offloaded_checkpointing(model)
 
     # --- data ----------------------------------------------------------------------------------------------------
+    def shard_classes(self, model: torch.nn.Module) -> list[str]:
+        """The LM's decoder layers: the classes transformers names in ``_no_split_modules``."""
+        names = list(getattr(model.get_base_model(), "_no_split_modules", None) or [])
+        if not names:
+            raise ConfigError(f"fsdp: {type(model.get_base_model()).__name__} does not name its decoder layers "
+                              "(_no_split_modules); remove fsdp")
+        return names
+
     def dataset(self, summary: DataSummary) -> Dataset:
         return _ListDataset(self.rows if self.rows is not None else self.samples)
 
@@ -296,7 +327,7 @@ class TextTask(Task):
     def collate(self, items: list[Any]) -> dict[str, Any]:
         pad = self.tokenizer.pad_token_id
         if isinstance(items[0], PackedRow):
-            return collate_flat(items, pad)
+            return collate_flat(items, pad, flatten=self.flatten_packed)
         if self.cfg.objective != "sft":
             from ..data.preference import collate_preferences
 

@@ -30,9 +30,10 @@ def write_tiny_t5_tokenizer(folder: Path, max_length: int = 32) -> Path:
     return folder
 
 
-def make_tiny_model(folder: Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
-    """Write a tiny FLUX.1 model (dev with ``guidance_embeds``, schnell without) to ``folder``: 1 double and 1 single
-    block of width 16, 4 latent channels, VAE downscale 2 (32 px images -> 16x16 latents -> 64 tokens)."""
+def make_tiny_model(folder: Path, seed: int = 0, guidance_embeds: bool = True, blocks: tuple[int, int] = (1, 1)
+                    ) -> Path:
+    """Write a tiny FLUX.1 model (dev with ``guidance_embeds``, schnell without) to ``folder``: ``blocks`` (1 double
+    and 1 single) blocks of width 16, 4 latent channels, VAE downscale 2 (32 px images -> 16x16 latents -> 64 tokens)."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
@@ -51,7 +52,7 @@ def make_tiny_model(folder: Path, seed: int = 0, guidance_embeds: bool = True) -
                                  relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
                                  decoder_start_token_id=0, feed_forward_proj="gated-gelu"))
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        patch_size=1, in_channels=16, num_layers=blocks[0], num_single_layers=blocks[1], attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
         axes_dims_rope=(2, 2, 4))
     vae = AutoencoderKL(

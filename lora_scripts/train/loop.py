@@ -14,6 +14,8 @@ Features and the config keys that control them:
 - checkpoints / resume ....... ``save_steps``, ``keep_last_checkpoints``, ``resume: latest | PATH``
 - logging .................... ``logging.*``: TensorBoard, ``loss.csv``, W&B; a progress bar with loss, it/s, ETA
 - multi-process .............. ``torchrun --nproc_per_node N train.py ...`` (DDP; gloo on CPU)
+- sharding ................... ``fsdp: true``: the frozen base sharded across the processes (accelerate's FSDP2);
+  checkpoints and the export gather the LoRA
 
 Set-up order matters: the data check and checkpoint lookup run first because they are cheap and catch user errors
 before minutes of model loading; the seed is set before the model so LoRA initialisation is reproducible; the
@@ -52,6 +54,7 @@ from .checkpoint import (
 )
 from .logs import TrainingLogger, peak_memory_mb
 from .optim import has_eval_mode, make_optimizer
+from .sharding import fsdp_in_effect, fsdp_plugin, full_optimizer_state, set_full_optimizer_state, shard_like
 from .signals import StopRequest
 
 
@@ -97,8 +100,28 @@ def _set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2 DTensor) tensor gathered whole (a collective: every process calls it); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The LoRA tensors on the CPU in fp32; under fsdp every process must call it (the shards are gathered)."""
+    return {n: _full(p.detach()).to("cpu", torch.float32).contiguous()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _gather_trainable(model: torch.nn.Module) -> None:
+    """Replace each sharded trainable parameter by its gathered whole (after training, before the export reads the
+    LoRA through peft); the frozen base stays sharded. Every process calls it."""
+    from torch.distributed.tensor import DTensor
+
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.requires_grad and isinstance(param, DTensor):
+                module._parameters[name] = torch.nn.Parameter(param.detach().full_tensor())
 
 
 def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -159,7 +182,11 @@ class Trainer:
             GradientState._reset_state()
 
         # cpu=True is what makes 2-process CPU DDP work under torchrun (gloo); on a GPU machine it stays False.
-        self.accelerator = Accelerator(mixed_precision=self.cfg.mixed_precision, cpu=not torch.cuda.is_available())
+        # fsdp with one process: nothing to shard (and no plugin, whose environment flag would outlive the run)
+        plugin = fsdp_plugin() if self.cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        self.accelerator = Accelerator(mixed_precision=self.cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                                       fsdp_plugin=plugin)
+        self.sharded = plugin is not None and fsdp_in_effect(self.accelerator, plugin)
         self.is_main = self.accelerator.is_main_process
         half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.cfg.mixed_precision)
         # Frozen weights are stored in half precision only on a GPU; CPU autocast keeps fp32 masters.
@@ -187,7 +214,18 @@ class Trainer:
         # Not passed through accelerator.prepare: its scheduler wrapper steps once per process, which would make
         # N processes see a different schedule than one.
         self.lr_scheduler = _make_scheduler(cfg, optimizer, self.total_steps)
+        if self.sharded:  # the units FSDP shards one by one (each all-gathered just before it runs)
+            classes = self.task.shard_classes(model)
+            self.accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = classes
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.sharded and self.is_main:
+            from torch.distributed.fsdp import FSDPModule
+
+            units = sum(isinstance(m, FSDPModule) for m in self.model.modules()) - 1
+            print(f"fsdp: {units} blocks ({', '.join(classes)}) and the rest of the model sharded across "
+                  f"{self.accelerator.num_processes} processes")
+        # FSDP replaces parameters by sharded ones (and points the optimizer at them); clip what it steps
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         # schedule-free optimizers start with their evaluation weights in place (== the initial weights)
         self._weights = "eval" if has_eval_mode(self.optimizer) else "train"
         self.dataset = self.task.dataset(self.data)
@@ -229,10 +267,17 @@ class Trainer:
                     f"resume: checkpoint {path} has {name} of shape {tuple(tensor.shape)}, this config makes "
                     f"{tuple(current[name].shape)} (changed lora_rank?)"
                 )
+        if bool(read_state(path).get("fsdp", False)) != self.sharded:
+            raise ConfigError(f"resume: checkpoint {path} was written with fsdp: {not self.sharded}; resume it with "
+                              f"the same fsdp setting (and process count)")
         with torch.no_grad():
             for name, tensor in saved.items():
-                current[name].copy_(tensor)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+                current[name].copy_(shard_like(tensor, current[name]))
+        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        if self.sharded:
+            set_full_optimizer_state(self.model, self.optimizer.optimizer, optimizer_state)
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
         sched = torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False)
         self.lr_scheduler.load_state_dict(sched["scheduler"])
         if sched.get("scaler") is not None and self.accelerator.scaler is not None:
@@ -266,12 +311,16 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         torch.save(_rng_states(), tmp / f"rng_state_{acc.process_index}.pt")
+        # every process: under fsdp these gather the shards
+        adapter = _trainable_state(acc.unwrap_model(self.model))
+        optimizer_state = (full_optimizer_state(self.model, self.optimizer.optimizer) if self.sharded
+                           else self.optimizer.state_dict() if self.is_main else None)
         acc.wait_for_everyone()
         if self.is_main:
-            save_file(_trainable_state(acc.unwrap_model(self.model)), str(tmp / "adapter.safetensors"))
+            save_file(adapter, str(tmp / "adapter.safetensors"))
             # Test hook: widen the window in which a checkpoint is half-written, so kill -9 tests can hit it.
             time.sleep(float(os.environ.get("LORA_SCRIPTS_TEST_CHECKPOINT_DELAY", "0")))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             scaler = acc.scaler.state_dict() if acc.scaler is not None else None
             torch.save({"scheduler": self.lr_scheduler.state_dict(), "scaler": scaler}, tmp / "scheduler.pt")
             dump_config(self.cfg, tmp / "config.yaml")
@@ -284,6 +333,7 @@ class Trainer:
                 "samples_per_step": self.plan.samples_per_step,
                 "num_samples": self.plan.num_samples,
                 "world_size": acc.num_processes,
+                "fsdp": self.sharded,
                 "seed": self.cfg.seed,
                 "started_at": self.started_at,
                 "dataset_hash": self.data.dataset_hash,
@@ -296,11 +346,12 @@ class Trainer:
 
     # --- evaluation and samples ----------------------------------------------------------------------------------
     def _evaluate(self) -> float | None:
-        """Mean loss over the validation set (main process, unwrapped model, fixed per-sample seeds)."""
+        """Mean loss over the validation set (main process, unwrapped model, fixed per-sample seeds; under fsdp every
+        process runs it, as each forward gathers the shards)."""
         if self.val_dataset is None:
             return None
         result = None
-        if self.is_main:
+        if self.is_main or self.sharded:
             model = self.accelerator.unwrap_model(self.model)
             model.eval()
             keys = [(i, sample_seed(self.cfg.seed, 2**31 - 1, i)) for i in range(len(self.val_dataset))]
@@ -311,12 +362,12 @@ class Trainer:
                     total += self.task.loss(model, batch).float().item()
                 count += self.task.loss_count(batch)
             model.train()
-            result = total / max(count, 1)
+            result = total / max(count, 1) if self.is_main else None
         self.accelerator.wait_for_everyone()
         return result
 
     def _log_samples(self, logger: TrainingLogger | None, step: int) -> None:
-        if self.cfg.sample_prompts and self.is_main:
+        if self.cfg.sample_prompts and (self.is_main or self.sharded):  # fsdp: every process takes part
             model = self.accelerator.unwrap_model(self.model)
             model.eval()
             rng = _rng_states()  # sampling must not shift the training's random stream (exact resume)
@@ -507,6 +558,8 @@ class Trainer:
     def _export(self, step: int) -> list[Path]:
         acc = self.accelerator
         files: list[Path] = []
+        if self.sharded:
+            _gather_trainable(acc.unwrap_model(self.model))
         if self.is_main:
             run = RunInfo(
                 started_at=self.started_at,

@@ -3,6 +3,8 @@ format its pipeline's ``load_lora_weights`` reads, both with kohya ``ss_*`` and 
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,19 @@ def export_image_lora(task: Any, model: torch.nn.Module, output_dir: Path, run: 
             **run.provenance(),
         },
     )
+    if cfg.network_type != "lora":  # LoHa / LoKr: the LyCORIS file only (diffusers' SD loaders cannot read them)
+        from ...export.lycoris import adapter_scales, lycoris_network_args, lycoris_state_dict
+
+        meta["ss_network_module"] = "lycoris.kohya"
+        meta["ss_network_args"] = json.dumps(lycoris_network_args(
+            cfg.network_type, conv_rank=cfg.conv_rank, conv_alpha=effective_conv_alpha(cfg), factor=cfg.lokr_factor,
+            decompose_both=cfg.lokr_decompose_both))
+        tensors = lycoris_state_dict(parts, adapter_scales(task.lora_modules(model)), family=family.ldm_name,
+                                     unet_config=model.denoiser.config)
+        path = write_kohya_lora(output_dir / f"{cfg.output_name}.safetensors", tensors, meta)
+        for warning in task.export_warnings():
+            print(f"warning: {warning}", file=sys.stderr)
+        return [path]
     tensors = family.kohya_tensors(parts, alpha=alpha, conv_alpha=effective_conv_alpha(cfg),
                                    denoiser_config=model.denoiser.config)
     kohya_path = write_kohya_lora(output_dir / f"{cfg.output_name}.safetensors", tensors, meta)
@@ -68,6 +83,8 @@ def export_image_lora(task: Any, model: torch.nn.Module, output_dir: Path, run: 
         layers[f"{name}_lora_layers"] = family.diffusers_lora_layers(name, parts[name])
         layers[f"{name}_lora_adapter_metadata"] = adapter_metadata(module.peft_config["default"], cfg)
     getattr(diffusers, family.pipeline_class).save_lora_weights(diffusers_dir, **layers)
+    for warning in task.export_warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     return [kohya_path, diffusers_dir / "pytorch_lora_weights.safetensors"]
 
 

@@ -12,6 +12,7 @@ count and resume.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ...errors import ConfigError
+from ...lora import effective_alpha, effective_conv_alpha, make_image_adapter_config, make_unet_lora_config
 from ...models.quantize import check_base_quantization, quantize_frozen, skip_quantized_in_ddp
-from ...lora import effective_alpha, effective_conv_alpha, make_lora_config, make_unet_lora_config
+from ...offload import BlockSwap, DevicePair, checkpoint_offloaded, enable_offloaded_checkpointing
 from ..base import DataSummary, RunInfo, Task
 from .data import ImageCaches, ImageCaptionDataset, build_caches
 from .families import Family, detect_folder, family_class, resolve_family
@@ -72,6 +74,7 @@ class ImageTask(Task):
 
     name = "image"
     family: Family | None = None
+    block_swap: BlockSwap | None = None  # set by load_model when blocks_to_swap > 0
 
     # --- before any model is loaded ------------------------------------------------------------------------------
     def check_base_model(self) -> None:
@@ -88,7 +91,7 @@ class ImageTask(Task):
         if cfg.cache_latents and (cfg.random_crop or cfg.random_flip):
             raise ConfigError("cache_latents: cached latents cannot be re-cropped or flipped; turn off random_crop "
                               "and random_flip, or cache_latents")
-        if cfg.cache_text_embeddings and cfg.shuffle_tags:
+        if cfg.cache_text_embeddings and (cfg.shuffle_tags or any(d.shuffle_tags for d in cfg.datasets or [])):
             raise ConfigError("cache_text_embeddings: shuffled tags make a new caption every time; turn off "
                               "shuffle_tags or cache_text_embeddings")
         if cfg.cache_text_embeddings and cfg.train_text_encoder:
@@ -109,6 +112,18 @@ class ImageTask(Task):
         if cfg.train_text_encoder and not family.text_encoder_lora:
             raise ConfigError(f"train_text_encoder: {family.title}'s text encoder stays frozen here (T5 and Qwen "
                               "encoders are too large to adapt usefully); remove train_text_encoder")
+        if cfg.network_type != "lora" and family.denoiser_name != "unet":
+            raise ConfigError(f"network_type: {cfg.network_type} is exported in LyCORIS's kohya layout, which names UNet "
+                              f"modules; {family.title}'s single-file layout fuses q/k/v, which a Hadamard or "
+                              "Kronecker product cannot be split into; use network_type: lora")
+        if cfg.fsdp and not family.swap_block_lists:
+            raise ConfigError(f"fsdp: {family.title} has no chain of transformer blocks to shard, and its UNet fits "
+                              "on one GPU; remove fsdp (several processes without it train with DDP)")
+        if cfg.blocks_to_swap and not family.swap_block_lists:
+            raise ConfigError(f"blocks_to_swap: {family.title} has no chain of transformer "
+                              "blocks to swap (its down and up blocks are joined by skip connections) and fits on the "
+                              "GPUs that train it; remove blocks_to_swap (gradient_checkpointing and mixed_precision: "
+                              "bf16 save memory)")
         if cfg.conv_rank is not None and family.denoiser_name != "unet":
             raise ConfigError(f"conv_rank: LoCon adapts UNet convolutions; {family.title} is a transformer, remove "
                               "conv_rank")
@@ -116,15 +131,20 @@ class ImageTask(Task):
         if cfg.resolution % multiple or (cfg.bucket and cfg.bucket_step % multiple):
             raise ConfigError(f"resolution: {family.title} needs image sides in multiples of {multiple} "
                               f"(resolution {cfg.resolution}, bucket_step {cfg.bucket_step})")
+        for i, spec in enumerate(cfg.datasets or []):
+            if spec.resolution and spec.resolution % multiple:
+                raise ConfigError(f"datasets.{i}.resolution: {family.title} needs image sides in multiples of "
+                                  f"{multiple} (got {spec.resolution})")
 
     def data_report(self):
         """The full data check (no model loaded; the tokenizer only, when it is at hand, to count tokens)."""
-        from ...data.check import check_images
+        from ...data.check import check_subsets
+        from ...data.subsets import subsets_from_config
 
-        cfg = self.cfg
+        subsets, problems = subsets_from_config(self.cfg)
         tokenizer = self._caption_tokenizer()
-        return check_images(cfg.train_data_dir, cfg.metadata_path, cfg.resolution, cfg.caption_source,
-                            max_caption_tokens=tokenizer.model_max_length if tokenizer else None, tokenizer=tokenizer)
+        return check_subsets(subsets, problems, max_caption_tokens=tokenizer.model_max_length if tokenizer else None,
+                             tokenizer=tokenizer)
 
     def _caption_tokenizer(self) -> Any:
         """The first (CLIP) tokenizer of an SD-family base model, if it can be had without loading weights."""
@@ -154,42 +174,57 @@ class ImageTask(Task):
             for finding in report.warnings:
                 print(f"warning: {finding.message}")
         samples, hashes, sizes = list(report.samples), list(report.hashes), list(report.sizes)
-        self._val: tuple[list, list] | None = None
+        subsets, entries = list(report.subsets), list(report.entries)
+        self._val: tuple[list, list, list] | None = None
         if cfg.val_data is not None:
             from ...data.check import check_images
 
             # captions as for train_data_dir: its metadata.csv, else metadata.jsonl or sidecar files
             val = check_images(cfg.val_data, Path(cfg.val_data) / "metadata.csv", cfg.resolution, cfg.caption_source)
             raise_for_errors(val)
-            self._val = (list(val.samples), list(val.sizes))
+            self._val = (list(val.samples), list(val.sizes), None)
         elif cfg.val_size > 0:
-            count = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(cfg.val_size * len(samples)))
-            if count >= len(samples):
-                raise ConfigError(f"val_size: {cfg.val_size} leaves no training images out of {len(samples)} (lower "
-                                  "val_size, or give val_data)")
-            held = set(np.random.default_rng([cfg.seed, 7]).choice(len(samples), count, replace=False).tolist())
-            self._val = ([s for i, s in enumerate(samples) if i in held], [z for i, z in enumerate(sizes) if i in held])
+            # held out from the training images (never the regularisation ones), with all their repeats
+            candidates = [i for i, s in enumerate(samples) if not subsets[s.subset].is_reg]
+            count = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(cfg.val_size * len(candidates)))
+            if count >= len(candidates):
+                raise ConfigError(f"val_size: {cfg.val_size} leaves no training images out of {len(candidates)} "
+                                  "(lower val_size, or give val_data)")
+            chosen = np.random.default_rng([cfg.seed, 7]).choice(len(candidates), count, replace=False).tolist()
+            held = {candidates[i] for i in chosen}
+            self._val = ([s for i, s in enumerate(samples) if i in held],
+                         [z for i, z in enumerate(sizes) if i in held], subsets)
             keep = [i for i in range(len(samples)) if i not in held]
+            renumber = {old: new for new, old in enumerate(keep)}
             samples, hashes, sizes = [samples[i] for i in keep], [hashes[i] for i in keep], [sizes[i] for i in keep]
+            entries = [renumber[i] for i in entries if i not in held]
         self._samples, self._hashes, self._sizes = samples, hashes, sizes
+        self._subsets, self._entries = subsets, entries
         self._caches: ImageCaches | None = None
         self._buckets = None
         if cfg.bucket:
             from ...data.buckets import assign_bucket, make_buckets
 
-            buckets = make_buckets(cfg.resolution, cfg.bucket_step)
-            self._buckets = [assign_bucket(w, h, buckets, cfg.bucket_step, cfg.bucket_no_upscale) for w, h in sizes]
+            grids = {r: make_buckets(r, cfg.bucket_step) for r in {s.resolution for s in subsets}}
+            self._buckets = [assign_bucket(w, h, grids[subsets[s.subset].resolution], cfg.bucket_step,
+                                           cfg.bucket_no_upscale) for s, (w, h) in zip(samples, sizes)]
+        elif len({s.resolution for s in subsets}) > 1:  # square sizes per subset: batches must not mix them
+            self._buckets = [(subsets[s.subset].resolution,) * 2 for s in samples]
         import hashlib
 
         dataset_hash = report.dataset_hash
         if self._val is not None and cfg.val_data is None:  # the split is part of what was trained on
             dataset_hash = hashlib.sha256(f"{dataset_hash}:val{cfg.val_size}:{cfg.seed}".encode()).hexdigest()
+        from ...data.subsets import describe_epoch
+
+        epoch = describe_epoch(samples, subsets, entries)
         return DataSummary(
-            num_samples=len(samples),
+            num_samples=len(entries),
             dataset_hash=dataset_hash,
             description=f"{len(samples)} captioned images from {report.source}"
             + (f" in {len(set(self._buckets))} buckets" if self._buckets else "")
-            + (f"; {len(self._val[0])} validation images" if self._val else ""),
+            + (f"; {len(self._val[0])} validation images" if self._val else "")
+            + (f"; {epoch}" if epoch and (len(entries) != len(samples) or len(subsets) > 1) else ""),
         )
 
     # --- model ---------------------------------------------------------------------------------------------------
@@ -219,7 +254,7 @@ class ImageTask(Task):
         trained = []
         for index, encoder in enumerate(components.text_encoders):
             if cfg.train_text_encoder and index in family.text_encoder_lora:
-                encoder.add_adapter(make_lora_config(cfg, CLIP_TARGETS))
+                encoder.add_adapter(make_image_adapter_config(cfg, CLIP_TARGETS))
                 trained.append(encoder)
         return LoRANetwork(denoiser, trained, family, list(components.text_encoders))
 
@@ -228,13 +263,19 @@ class ImageTask(Task):
         family = self.family
         kind = self.cfg.base_quantization
         quantized = {id(m) for m in quantized_modules(components)} if kind != "none" else set()
+        self.block_swap = self._block_swap(components.denoiser, device, weight_dtype)
         for module in (*components.text_encoders, components.vae, components.denoiser):
             module.requires_grad_(False)
             if id(module) in quantized:  # cast on the CPU, then quantised layer by layer onto the device
                 if weight_dtype != torch.float32:
                     module.to(dtype=weight_dtype)
                 quantize_frozen(module, kind, device, weight_dtype)
-            else:
+                module.eval()
+                continue
+            # swapped blocks stay on the CPU: the whole denoiser may not fit on the device
+            held = self.block_swap.held_back(module) if self.block_swap and module is components.denoiser \
+                else nullcontext()
+            with held:
                 module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
             module.eval()
         self.components, self.device = components, device
@@ -243,6 +284,8 @@ class ImageTask(Task):
         network = self._attach_lora(components)
         if self.cfg.network_weights is not None:  # incremental training: start from an existing LoRA
             family.apply_network_weights(self.cfg.network_weights, self.lora_modules(network))
+        if self.block_swap is not None:  # after LoRA exists (DoRA reads the base weights when it is attached)
+            self.block_swap.install()
         # Trainable LoRA tensors stay in fp32 even when the frozen base runs in half precision.
         for param in network.parameters():
             if param.requires_grad:
@@ -256,9 +299,21 @@ class ImageTask(Task):
         self.network = network
         if self.cfg.cache_latents or self.cfg.cache_text_embeddings:
             self._caches = build_caches(self.cfg, self._samples, self._hashes, self._buckets, components.vae,
-                                        components.text_encoders, components.tokenizers, family, device)
+                                        components.text_encoders, components.tokenizers, family, device,
+                                        self._subsets)
             self._release_cached_encoders()
         return network
+
+    def _block_swap(self, denoiser: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> BlockSwap | None:
+        """``blocks_to_swap``: the swap of the family's last N blocks, or None."""
+        count = self.cfg.blocks_to_swap
+        if not count:
+            return None
+        blocks = self.family.swap_blocks(denoiser)
+        if count > len(blocks):
+            raise ConfigError(f"blocks_to_swap: {count} is more than the {len(blocks)} blocks of this "
+                              f"{self.family.title} {self.family.denoiser_name}; use at most {len(blocks)}")
+        return BlockSwap(blocks, count, DevicePair(device), dtype)
 
     def _release_cached_encoders(self) -> None:
         """Once every sample's latents / embeddings are cached, the VAE / text encoders are only needed for
@@ -319,11 +374,20 @@ class ImageTask(Task):
         for module in (components.denoiser, components.vae, *components.text_encoders):
             module.requires_grad_(False)
         network = self._attach_lora(components)
+        if cfg.network_type != "lora":
+            # peft's LoHa/LoKr draw `torch.rand(1) > module_dropout` in training mode, which fake tensors cannot
+            # answer; with module_dropout 0 (ours) eval mode computes the same step
+            from peft.tuners.lycoris_utils import LycorisLayer
+
+            for module in network.modules():
+                if isinstance(module, LycorisLayer):
+                    module.eval()
         if cfg.gradient_checkpointing:
             self.enable_gradient_checkpointing(network)
         self.components, self.device, self.network = components, torch.device("cpu"), network
         self._objective = family.objective(components.scheduler)
-        side = cfg.resolution  # buckets keep the area of resolution², which is what memory follows
+        # buckets keep the area of resolution², which is what memory follows; the largest subset's is the worst case
+        side = max([cfg.resolution] + [d.resolution for d in cfg.datasets or [] if d.resolution])
 
         def make_batch(batch_size: int) -> dict[str, Any]:
             batch: dict[str, Any] = {"seeds": list(range(batch_size))}
@@ -343,28 +407,42 @@ class ImageTask(Task):
         return [components.denoiser, components.vae, *components.text_encoders], network, make_batch
 
     def enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
-        model.denoiser.enable_gradient_checkpointing()
+        offload = self.cfg.gradient_checkpointing == "offload"
+        model.denoiser.enable_gradient_checkpointing(checkpoint_offloaded if offload else None)
         for encoder in model.text_encoders:
-            encoder.gradient_checkpointing_enable()
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            if offload:
+                enable_offloaded_checkpointing(encoder)
 
     def dataset(self, summary: DataSummary) -> Dataset:
         return ImageCaptionDataset(self._samples, self.tokenizers, self.cfg, self.family, self._buckets, self._caches,
-                                   self._sizes)
+                                   self._sizes, subsets=self._subsets, entries=self._entries)
+
+    def shard_classes(self, model: torch.nn.Module) -> list[str]:
+        """The denoiser's transformer block classes (the blocks block swap swaps); the text encoders and VAE stay
+        whole on every process (cache_text_embeddings frees them)."""
+        return sorted({type(block).__name__ for block in self.family.swap_blocks(model.denoiser)})
 
     def validation_dataset(self) -> Dataset | None:
         """Held-out images (``val_size`` / ``val_data``) at the square resolution, not cached; the loop keys them
         with fixed seeds, so every evaluation sees the same noise and timesteps."""
         if self._val is None:
             return None
-        samples, sizes = self._val
-        return ImageCaptionDataset(samples, self.tokenizers, self.cfg, self.family, None, None, sizes, augment=False)
+        samples, sizes, subsets = self._val
+        if subsets is not None:  # every held-out image at the one square resolution, so any of them batch together
+            from dataclasses import replace
+
+            subsets = [replace(s, resolution=self.cfg.resolution) for s in subsets]
+        return ImageCaptionDataset(samples, self.tokenizers, self.cfg, self.family, None, None, sizes, augment=False,
+                                   subsets=subsets)
 
     def epoch_order(self, epoch: int, seed: int, global_batch: int) -> np.ndarray | None:
         if self._buckets is None:
             return None
         from ...data.buckets import bucketed_order
 
-        return bucketed_order(self._buckets, global_batch, np.random.default_rng([seed, epoch]))
+        return bucketed_order([self._buckets[i] for i in self._entries], global_batch,
+                              np.random.default_rng([seed, epoch]))
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {k: torch.stack([item[k] for item in items]) for k in items[0] if k != "seed"}
@@ -388,7 +466,7 @@ class ImageTask(Task):
             latents = family.normalize_latents(self.vae, mean + std * eps).float()
             if not tokens:  # from the text-embedding cache
                 cond.update({k: v.to(device) for k, v in batch.items()
-                             if k not in ("seeds", "latent_mean", "latent_std", "pixels", *cond)})
+                             if k not in ("seeds", "latent_mean", "latent_std", "pixels", "mask", "loss_weight", *cond)})
             elif not self.cfg.train_text_encoder:
                 cond.update(family.encode_prompt(self.text_encoders, tokens))
         drawn = family.noise(self._objective, latents, generators)
@@ -397,10 +475,23 @@ class ImageTask(Task):
         else:
             pred = model(drawn.noisy, drawn.timesteps, **cond)
         dims = tuple(range(1, pred.dim()))
-        per_sample = torch.nn.functional.mse_loss(pred.float(), drawn.target.float(), reduction="none").mean(dim=dims)
+        per_pixel = torch.nn.functional.mse_loss(pred.float(), drawn.target.float(), reduction="none")
+        if "mask" in batch:  # masked loss: every family's prediction is in the unpacked (B, C, h, w) latent layout
+            per_pixel = per_pixel * self._latent_mask(batch["mask"].to(device, per_pixel.dtype), per_pixel.shape[-2:])
+        per_sample = per_pixel.mean(dim=dims)  # masked-out pixels count as zeros, as in sd-scripts
         if drawn.weights is not None:
             per_sample = per_sample * drawn.weights.to(per_sample.device)
+        if "loss_weight" in batch:  # regularisation images: prior_loss_weight
+            per_sample = per_sample * batch["loss_weight"].to(per_sample.device)
         return per_sample.sum()
+
+    @staticmethod
+    def _latent_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, H, W) pixel masks -> (B, 1, h, w) weights per latent pixel: the mean over each latent pixel's block
+        of pixels (area interpolation, as sd-scripts resizes its masks); cached masks are on the grid already."""
+        if tuple(mask.shape[-2:]) != tuple(grid):
+            mask = torch.nn.functional.interpolate(mask[:, None], size=tuple(grid), mode="area")[:, 0]
+        return mask[:, None]
 
     def generate_samples(self, model: torch.nn.Module) -> list[tuple[str, Any]]:
         """Render the sample prompts with the frozen components and the LoRA-carrying modules."""
@@ -443,6 +534,11 @@ class ImageTask(Task):
             return {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(module).items()}
 
         return {name: state(module) for name, module in self.lora_modules(model).items()}
+
+    def export_warnings(self) -> list[str]:
+        from ...lora import image_export_warnings
+
+        return image_export_warnings(self.cfg)
 
     def export(self, model: torch.nn.Module, output_dir: Path, run: RunInfo) -> list[Path]:
         from .export import export_image_lora

@@ -54,6 +54,7 @@ class Family(ABC):
     latent_downscale: ClassVar[int] = 8              # pixels per latent, per side
     image_patch: ClassVar[int] = 1                   # latents per image token, per side (FLUX packs 2x2)
     size_keys: ClassVar[tuple[str, ...]] = ()        # batch keys :meth:`size_conditioning` returns
+    swap_block_lists: ClassVar[tuple[str, ...]] = ()  # denoiser attributes holding its blocks, in the order they run
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -156,6 +157,11 @@ class Family(ABC):
     def denoise(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The denoiser's prediction, in the latents' layout."""
+
+    def swap_blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The denoiser's blocks that ``blocks_to_swap`` may keep in CPU memory, in the order they run (empty: the
+        family does not support block swap)."""
+        return [block for name in self.swap_block_lists for block in getattr(denoiser, name)]
 
     def lora_targets(self, denoiser: torch.nn.Module) -> list[str]:
         """The denoiser's LoRA target modules: ``target_modules`` or the family's defaults (a family can leave out

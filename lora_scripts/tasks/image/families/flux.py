@@ -232,6 +232,7 @@ class Flux(TransformerFamily):
     title = "FLUX.1"
     pipeline_class = "FluxPipeline"
     denoiser_class = "FluxTransformer2DModel"
+    swap_block_lists = ("transformer_blocks", "single_transformer_blocks")  # double blocks run first
     shipped_config = "flux1-dev"
     num_text_encoders = 2
     image_patch = 2

@@ -31,6 +31,7 @@ class TransformerFamily(Family):
     """A diffusers pipeline of a transformer denoiser, a VAE and text encoders, trained by flow matching."""
 
     denoiser_name = "transformer"
+    swap_block_lists = ("transformer_blocks",)
     # component -> (library, class name), in the pipeline's order; tokenizers are named after their encoder
     components: ClassVar[dict[str, tuple[str, str]]] = {}
     # text encoder part -> (accepted transformers ``model_type`` values, a tensor name its single file holds)

@@ -25,6 +25,7 @@ class ZImage(FlowLoRAMixin, TransformerFamily):
     title = "Z-Image"
     pipeline_class = "ZImagePipeline"
     denoiser_class = "ZImageTransformer2DModel"
+    swap_block_lists = ("layers",)  # the main stack (the two-layer refiners stay on the device)
     components: ClassVar[dict[str, tuple[str, str]]] = {
         "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"), "vae": ("diffusers", "AutoencoderKL"),
         "text_encoder": ("transformers", "Qwen3Model"), "tokenizer": ("transformers", "Qwen2Tokenizer")}
