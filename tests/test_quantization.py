@@ -350,3 +350,13 @@ def test_cache_keys_tell_a_quantised_encoder_from_the_full_precision_one(tiny_fl
         encoder = T5EncoderModel.from_pretrained(tiny_flux / "text_encoder_2")
         keys.append(module_fingerprint(quantize_frozen(encoder, kind, torch.device("cpu"), torch.float32)))
     assert len(set(keys[:3])) == 3 and keys[1] == keys[3]  # and quantising is deterministic
+
+
+@pytest.mark.parametrize("key, value", [("blocks_to_swap", 2), ("fsdp", True)])
+def test_quantised_base_with_block_swap_or_fsdp_is_refused_in_one_line(write_config, capsys, key, value):
+    from lora_scripts.cli import main
+
+    config = write_config(base_quantization="int8", **{key: value})
+    assert main(["train", "--config", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "base_quantization: int8" in err and key in err
