@@ -35,6 +35,7 @@ class Schedule:
     vae_steps: int = 900
     unet_steps: int = 2000
     unet_lr: float = 1e-3
+    noise_offset: float = 0.3
     lm_steps: int = 800
     batch_size: int = 8
     latent_pool: int = 384  # images encoded once; the UNet trains on these cached latents
@@ -139,7 +140,8 @@ def pretrain_vae(folder: Path, schedule: Schedule = FULL, seed: int = 0, log_eve
 
 def pretrain_unet(folder: Path, schedule: Schedule = FULL, seed: int = 0, log_every: int = 0) -> None:
     """Train the UNet and the CLIP text encoder in ``folder`` together on captioned shapes (DDPM epsilon with
-    Min-SNR-5 weights, 10 % empty captions so classifier-free guidance works), on latents of the frozen VAE.
+    Min-SNR-5 weights, offset noise, 10 % empty captions so classifier-free guidance works), on latents of the
+    frozen VAE.
 
     Reseeded, so it depends on the VAE's weights only. The text encoder is trained too: at its random init its
     outputs for "a red circle" and "a red square" are 0.8 cosine-similar (after centring) and the UNet drew one
@@ -175,7 +177,10 @@ def pretrain_unet(folder: Path, schedule: Schedule = FULL, seed: int = 0, log_ev
         index = torch.from_numpy(rng.integers(0, len(latents_pool), schedule.batch_size))
         latents, ids = latents_pool[index], ids_pool[index].clone()
         ids[torch.from_numpy(rng.random(len(index)) < 0.1)] = empty  # 10 % unconditional, for guidance
-        noise = torch.randn_like(latents)
+        # offset noise (as the config's noise_offset): SD's last step still leaks the image's mean colour
+        # (alphas_cumprod ~0.005), so without it the UNet reads the background from the noise (random tints at
+        # inference) and a LoRA cannot move it
+        noise = torch.randn_like(latents) + schedule.noise_offset * torch.randn(*latents.shape[:2], 1, 1)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
         pred = unet(scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
         # Min-SNR: the low-noise steps' easy, high-variance losses no longer drown the steps that lay out the image
