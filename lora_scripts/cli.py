@@ -159,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise ConfigError(f"demo --family: no tiny model for '{args.family}' (see lora_scripts/tiny_models)") from None
         run_family_demo(Path(args.output_dir), args.family, steps=args.steps or 60)
     else:
-        run_demo(Path(args.output_dir), steps=args.steps or 120)
+        run_demo(Path(args.output_dir), steps=args.steps)
     return 0
 
 
@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a tiny built-in model on built-in data (no downloads)")
     p.add_argument("--output-dir", default="demo_output")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: 200 image, 60 text)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 400 image, 500 text, 60 --family)")
     p.add_argument("--task", choices=["image", "text"], default="image")
     p.add_argument("--family", help="image: a transformer family's tiny model instead of SD 1.x (flux, sd3, "
                    "qwen_image, z_image, chroma: those with a module in lora_scripts/tiny_models)")

@@ -29,6 +29,18 @@ STYLE_TOLERANCE = 70.0  # Euclidean RGB distance counted as "the style's colour"
 # shape/colour pairs never captioned in the training images: where the effect is measured
 HELD_OUT_PAIRS = (("yellow", "circle"), ("blue", "square"), ("green", "triangle"), ("red", "square"))
 TRAIN_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT_PAIRS)
+# How the demo and the learning tests train the style (config keys). A background colour is a change of the image's
+# mean, which SD's schedule leaks: at its last step (alphas_cumprod ~0.005) the "noise" still carries the training
+# image's mean, so a UNet learns to read the background from it, and pure noise at inference gives the base's light
+# one back (measured on a base trained without offset noise: the x0 a LoRA predicts from a noised training latent was
+# purple, its renders grey, and 0.1 x purple's latent mean added to the start noise made them purple). The base is
+# pretrained with offset noise (lora_scripts.pretrain) and the LoRA keeps it (noise_offset); LoCon (conv_rank) lets
+# the ResNets, which carry most of the colour, change; Min-SNR-5 weights the high-noise steps that lay out colours.
+STYLE_RECIPE: dict[str, Any] = {
+    "max_train_steps": 400, "batch_size": 4, "learning_rate": 1e-3, "lr_scheduler": "constant",
+    "lora_rank": 4, "lora_alpha": 4, "conv_rank": 4, "conv_alpha": 4, "min_snr_gamma": 5.0, "noise_offset": 0.3,
+    "cache_latents": True,
+}
 
 
 def style_prompts(pairs: Sequence[tuple[str, str]] = HELD_OUT_PAIRS) -> list[str]:

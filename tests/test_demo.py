@@ -58,3 +58,9 @@ def test_loss_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch
     assert plot_loss(tmp_path / "loss.csv").name == "loss.png"
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the demo extra were not installed
     assert "lora-scripts[demo]" in str(plot_loss(tmp_path / "loss.csv"))
+
+
+def test_loss_plot_smooths_with_a_trailing_mean():
+    from lora_scripts.plots import moving_average
+
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]

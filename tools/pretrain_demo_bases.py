@@ -1,6 +1,6 @@
 """Rebuild the small pretrained demo bases in ``lora_scripts/demo_assets`` (deterministic, offline, CPU).
 
-    python tools/pretrain_demo_bases.py            # both, a few minutes on one CPU core
+    python tools/pretrain_demo_bases.py            # both, about 15 minutes of one CPU core
     python tools/pretrain_demo_bases.py --only lm  # just the causal LM
 
 Bit for bit the committed files on the same torch build and CPU kind (single-threaded, fixed seeds); see
