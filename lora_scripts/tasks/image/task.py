@@ -332,6 +332,9 @@ class ImageTask(Task):
 
         return [components.denoiser, components.vae, *components.text_encoders], network, make_batch
 
+    def swap_blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        return self.family.swap_blocks(model.denoiser)
+
     def enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
         model.denoiser.enable_gradient_checkpointing()
         for encoder in model.text_encoders:

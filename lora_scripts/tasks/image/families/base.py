@@ -162,6 +162,11 @@ class Family(ABC):
         modules whose output the model never uses, which DDP would otherwise refuse as parameters without grad)."""
         return list(self.cfg.target_modules or self.default_targets)
 
+    def swap_blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The denoiser's blocks that ``blocks_to_swap`` can keep in system memory, in the order they run (a
+        UNet has none: its blocks differ in size and skip connections tie them together)."""
+        return []
+
     # --- sampling ------------------------------------------------------------------------------------------------
     @abstractmethod
     def pipeline(self, components: Components, denoiser: torch.nn.Module,

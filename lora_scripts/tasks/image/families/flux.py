@@ -233,6 +233,7 @@ class Flux(TransformerFamily):
     pipeline_class = "FluxPipeline"
     denoiser_class = "FluxTransformer2DModel"
     shipped_config = "flux1-dev"
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
     num_text_encoders = 2
     image_patch = 2
     base_model_version = "flux1"

@@ -38,6 +38,7 @@ class TransformerFamily(Family):
     shipped_config: ClassVar[str] = ""  # folder under lora_scripts/models/configs with the full-size configs
     header_keys: ClassVar[tuple[str, ...]] = ()  # tensor names (without a ``model.diffusion_model.`` prefix)
     vae_latent_channels: ClassVar[int] = 0  # > 0: a separately given ``vae_path`` must have this many channels
+    block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)  # the denoiser's block stacks, in run order
 
     @classmethod
     def matches_header(cls, shapes: Mapping[str, tuple[int, ...]]) -> bool:
@@ -187,6 +188,9 @@ class TransformerFamily(Family):
         scheduler = _cls(*self.components["scheduler"]).from_config(configs["scheduler"])
         return Components(denoiser, models["vae"], [models[n] for n in self.encoder_names], [], scheduler,
                           extra={"text_configs": [configs[n] for n in self.encoder_names]})
+
+    def swap_blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        return [block for name in self.block_lists for block in getattr(denoiser, name, ())]
 
     # --- objective -----------------------------------------------------------------------------------------------
     def objective(self, scheduler: Any) -> FlowMatchingObjective:

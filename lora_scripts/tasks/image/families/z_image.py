@@ -31,6 +31,7 @@ class ZImage(FlowLoRAMixin, TransformerFamily):
     # ComfyUI's qwen_3_4b.safetensors and the diffusers folder: Qwen3 layers carry q_norm (Qwen2.5 ones do not)
     encoder_kinds = {"text_encoder": (("qwen3",), "layers.0.self_attn.q_norm.weight")}
     shipped_config = "z-image"
+    block_lists = ("layers",)
     # attention and feed-forward of every block (refiners included), as ai-toolkit's and musubi-tuner's Z-Image
     # recipes train "all linear layers of the transformer blocks"
     default_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1",
