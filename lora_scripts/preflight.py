@@ -85,17 +85,22 @@ class MemoryEstimate:
             lines.append("fits as configured")
         elif self.choice:
             chosen = self.chosen
-            lines.append(f"does not fit; the cheapest settings that do (about {chosen.total / GiB:.1f} GiB"
-                         + (f", {chosen.system_total / GiB:.1f} GiB system memory" if chosen.on_gpu else "") + "):")
+            lines.append(f"does not fit; the cheapest settings that do (about {human(chosen.total)}"
+                         + (f", {human(chosen.system_total)} system memory" if chosen.on_gpu else "") + "):")
             lines.append("  " + set_line(self.choice))
         elif self.nothing_fits:
             lines.append(f"nothing fits: {self.refusal()}")
         return "\n".join(lines)
 
     def refusal(self) -> str:
-        budget = f"{self.capacity / GiB:.1f} GiB" if self.capacity is not None else "the memory given"
-        return (f"no memory setting fits this run in {budget} (the smallest needs {self.total / GiB:.1f} GiB as "
-                "configured); lower resolution / max_seq_length or lora_rank, or use a bigger device")
+        budget = human(self.capacity) if self.capacity is not None else "the memory given"
+        return (f"no memory setting fits this run in {budget} (it needs {human(self.total)} as configured); lower "
+                "resolution / max_seq_length or lora_rank, or use a bigger device")
+
+
+def human(nbytes: int) -> str:
+    """``12.3 GiB`` or ``456.7 MiB``."""
+    return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _table(parts: dict[str, int], capacity: int | None) -> list[str]:
@@ -223,7 +228,7 @@ class _Planner:
         counted, step = self._probe(bool(settings["gradient_checkpointing"]))
         batch = settings["batch_size"]
         if batch != step.batch_size:
-            step = step.scaled(batch, keep=counted.lora_params * 2)
+            step = step.scaled(batch)
         gpu, system = place(counted, step, settings, self.on_gpu)
         if not self.on_gpu:
             system = {**system, "runtime overhead (CPU)": CPU_RUNTIME_OVERHEAD}
