@@ -81,7 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     quiet_libraries()
     from .preflight import check_fits
 
-    check_fits(cfg, force=args.force)  # on a GPU: refuse a run that clearly will not fit
+    if cfg.memory_profile != "auto":  # auto chooses (and refuses) at the start of train itself
+        check_fits(cfg, force=args.force)  # on a GPU: refuse a run that clearly will not fit
     from .train.loop import train
 
     result = train(cfg, show_progress=not args.no_progress)

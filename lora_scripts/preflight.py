@@ -355,11 +355,30 @@ def auto_settings(cfg: TrainConfig) -> dict[str, Any]:
     return choice
 
 
+PREFLIGHT_SECONDS = float(os.environ.get("LORA_SCRIPTS_PREFLIGHT_SECONDS", "10"))
+
+
 def check_fits(cfg: TrainConfig, force: bool = False) -> MemoryEstimate | None:
-    """On a GPU: refuse a run that clearly exceeds free memory (unless ``force``). Returns the estimate, if any."""
+    """On a GPU: refuse a run that clearly exceeds free memory (unless ``force``). Returns the estimate, if any.
+    Bounded: a first estimate of a model that takes longer than ``PREFLIGHT_SECONDS`` (a slow CPU, a new family
+    with long stacks it cannot cut) is skipped with a note, and ``train`` goes on; a cached one answers at once."""
     if not torch.cuda.is_available():
         return None
-    estimate = estimate_memory(cfg)
+    import time
+
+    from .memory.tracker import AllocationCounter, EstimateTimeout
+
+    AllocationCounter.deadline = time.monotonic() + PREFLIGHT_SECONDS
+    try:
+        estimate = estimate_memory(cfg, choose=False)
+        if estimate.capacity is not None and estimate.total > estimate.capacity:
+            estimate = estimate_memory(cfg)
+    except EstimateTimeout:
+        print(f"memory pre-flight skipped: the estimate took over {PREFLIGHT_SECONDS:g} s (`lora-scripts estimate` "
+              "runs it unbounded and caches it for the next train)")
+        return None
+    finally:
+        AllocationCounter.deadline = None
     if estimate.capacity is not None and estimate.total > estimate.capacity and not force:
         advice = (set_line(estimate.choice) + " (or memory_profile: auto)" if estimate.choice
                   else "a smaller resolution/max_seq_length")

@@ -76,6 +76,17 @@ def test_gpu_preflight_refuses_unless_forced(lm, tmp_path, monkeypatch):
     assert preflight.check_fits(text_cfg(lm, tmp_path), force=True) is not None
 
 
+def test_gpu_preflight_is_bounded(lm, tmp_path, monkeypatch, capsys):
+    """A first estimate slower than the bound is skipped with a note (train goes on); none is cached."""
+    monkeypatch.setenv("LORA_SCRIPTS_ESTIMATE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(preflight.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(preflight, "free_device_memory", lambda: 2**20)
+    monkeypatch.setattr(preflight, "PREFLIGHT_SECONDS", 0.0)
+    assert preflight.check_fits(text_cfg(lm, tmp_path)) is None
+    assert "memory pre-flight skipped" in capsys.readouterr().out
+    assert not list((tmp_path / "cache").glob("*.json"))
+
+
 def test_parse_size():
     assert parse_size("24GB") == 24 * 2**30 and parse_size("8000MB") == 8000 * 2**20 and parse_size("16g") == 16 * 2**30
     with pytest.raises(ConfigError):

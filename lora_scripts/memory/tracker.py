@@ -10,6 +10,7 @@ storages (views share one), no module bookkeeping; tests compare the two on tiny
 
 from __future__ import annotations
 
+import time
 import weakref
 from typing import Any
 
@@ -18,11 +19,18 @@ from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+class EstimateTimeout(Exception):
+    """The step ran past its deadline (the GPU pre-flight bounds its wait)."""
+
+
 class AllocationCounter(TorchDispatchMode):
     """Peak bytes of the storages created under this mode, by ``kind`` (set ``counter.kind`` between phases)."""
 
+    deadline: float | None = None  # time.monotonic() after which the next op raises EstimateTimeout
+
     def __init__(self) -> None:
         super().__init__()
+        self.ops = 0
         self.kind = "activations"
         self.current = 0
         self.peak = 0
@@ -60,7 +68,24 @@ class AllocationCounter(TorchDispatchMode):
             self.peak = self.current
             self.peak_by_kind = dict(self.by_kind)
 
+    def __enter__(self) -> "AllocationCounter":
+        if self.deadline is not None:
+            # checked as each module starts, in forward: raising inside an op (or through backward) aborts torch
+            def check(*_: Any) -> None:
+                if time.monotonic() > (self.deadline or float("inf")):
+                    raise EstimateTimeout
+
+            self._deadline_hook = torch.nn.modules.module.register_module_forward_pre_hook(check)
+        return super().__enter__()
+
+    def __exit__(self, *args: Any) -> None:
+        hook = self.__dict__.pop("_deadline_hook", None)
+        if hook is not None:
+            hook.remove()
+        super().__exit__(*args)
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops += 1
         out = func(*args, **(kwargs or {}))
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
