@@ -6,7 +6,7 @@ costs what a 64 px one does, so a smaller probe resolution saves nothing. What c
 DiT's ops are its blocks (FLUX.1: 57, Qwen-Image: 60). So every long stack of identical blocks (an ``nn.ModuleList``
 of at least :data:`MIN_STACK` same-class modules) is cut to its first ``k - 1`` blocks plus its last one (the last
 can differ: SD3's context-pre-only block), the step is measured at ``k = 2`` and with one stack at a time at
-``k = 3``, and each phase's peak is extrapolated linearly in each stack's depth: activations grow by one block's
+``k = 3`` (when that runs fewer modules than one whole step: not for SDXL), and each phase's peak is extrapolated linearly in each stack's depth: activations grow by one block's
 worth per block, checkpointed or not. Peaks are kept per phase (encoding before the denoiser, forward, backward) so
 a VAE-encoding peak, which depth does not move, is not stretched with the blocks. Activations are proportional to
 the batch (nothing in a step's activations is shared across samples), so one batch size is probed and the others
@@ -175,6 +175,19 @@ def _cut(stacks: list[torch.nn.ModuleList], keep: int) -> Iterator[None]:
             stack._modules = modules
 
 
+def _cutting_pays(model: torch.nn.Module, groups: list[list[torch.nn.ModuleList]]) -> bool:
+    """Whether 1 + len(groups) cut steps run fewer modules than one whole step (a DiT: a tenth; SDXL, whose
+    10-deep attention stacks are a minority of its modules: no)."""
+    def count(module: torch.nn.Module) -> int:
+        return sum(1 for _ in module.modules())
+
+    total = count(model)
+    stacked = [sum(count(stack) for stack in group) for group in groups]
+    depths = [len(group[0]) for group in groups]
+    cut = total - sum(stacked) + sum(n * 3 // d for n, d in zip(stacked, depths))
+    return (1 + len(groups)) * cut < 0.7 * total
+
+
 def _one_step(task: Any, model: torch.nn.Module, make_batch: Any, modules: list[torch.nn.Module],
               batch_size: int, dtype: torch.dtype) -> StepPeaks:
     counter = _PhaseCounter()
@@ -221,7 +234,9 @@ def _combine(base: StepPeaks, steps: list[tuple[StepPeaks, int]]) -> StepPeaks:
 def measure_peaks(task: Any, model: torch.nn.Module, make_batch: Any, modules: list[torch.nn.Module],
                   batch_size: int, dtype: torch.dtype, full: bool = False) -> StepPeaks:
     """The step's peaks at ``batch_size`` (modules already fake). ``full``: run every block (the slow reference)."""
-    groups = [] if full else [g for g in _stack_groups(find_stacks(model))]
+    groups = [] if full else _stack_groups(find_stacks(model))
+    if groups and not _cutting_pays(model, groups):
+        groups = []
     if not groups:
         return _one_step(task, model, make_batch, modules, batch_size, dtype)
     everything = [stack for group in groups for stack in group]
