@@ -14,6 +14,7 @@ import lora_scripts.preflight as preflight
 from lora_scripts.cli import main
 from lora_scripts.config import build_config
 from lora_scripts.errors import ConfigError
+from lora_scripts.memory.probe import _cutting_pays, _stack_groups, find_stacks
 from lora_scripts.preflight import GiB, estimate_memory
 from lora_scripts.testing import make_captioned_images, make_instruction_data, make_tiny_causal_lm, tiny_image_config
 
@@ -27,13 +28,13 @@ def own_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def deep_flux(tmp_path_factory):
-    """The tiny FLUX.1 with 7 double and 9 single blocks: stacks long enough for the probe to cut."""
+    """The tiny FLUX.1 with 16 double and 20 single blocks: stacks long enough for the probe to cut."""
     from lora_scripts.tiny_models.flux import make_tiny_model
 
     folder = make_tiny_model(tmp_path_factory.mktemp("models") / "deep-flux")
     path = folder / "transformer" / "config.json"
     config = json.loads(path.read_text())
-    path.write_text(json.dumps({**config, "num_layers": 7, "num_single_layers": 9}))
+    path.write_text(json.dumps({**config, "num_layers": 16, "num_single_layers": 20}))
     return folder, make_captioned_images(tmp_path_factory.mktemp("data") / "d", count=2)
 
 
@@ -42,7 +43,7 @@ def deep_lm(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm")
     folder = make_tiny_causal_lm(root / "llama")
     path = folder / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "num_hidden_layers": 8}))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_hidden_layers": 12}))
     return folder, make_instruction_data(root / "d.jsonl")
 
 
@@ -59,6 +60,14 @@ def lm_cfg(deep_lm, tmp_path, **overrides):
                          "output_dir": str(tmp_path / "o"), "batch_size": 1, "max_seq_length": 128, **overrides})
 
 
+def _probe_model(cfg):
+    from lora_scripts.tasks.base import make_task
+
+    task = make_task(cfg)
+    task.check_base_model()
+    return task.memory_probe()[1]
+
+
 def step_bytes(est):
     return sum(v for k, v in est.parts.items() if k in ("activations", "temporaries", "activations and temporaries"))
 
@@ -69,6 +78,9 @@ def test_cut_and_scaled_probe_is_within_5_percent_of_the_full_step(deep_flux, de
     for make in (lambda **kw: flux_cfg(deep_flux, tmp_path, **kw), lambda **kw: lm_cfg(deep_lm, tmp_path, **kw)):
         one = make(gradient_checkpointing=checkpointing)
         planner = preflight._Planner(one, on_gpu=True)
+        model = _probe_model(one)
+        groups = _stack_groups(find_stacks(model))
+        assert len(groups) == (2 if one.task == "image" else 1) and _cutting_pays(model, groups)
         fast = planner.estimate({**planner.settings(), "batch_size": 3})
         full = estimate_memory(make(gradient_checkpointing=checkpointing, batch_size=3), gpu=True, full=True)
         assert step_bytes(fast) == pytest.approx(step_bytes(full), rel=0.05)

@@ -197,6 +197,9 @@ def _one_step(task: Any, model: torch.nn.Module, make_batch: Any, modules: list[
         counter.phase, counter.kind = "forward", "activations"
 
     hook = model.register_forward_pre_hook(enter_forward)
+    # LoRA gradients are counted apart (budget.place), whole: not again among the step's temporaries
+    grad_hooks = [p.register_post_accumulate_grad_hook(lambda p: counter.uncount(p.grad))
+                  for p in model.parameters() if p.requires_grad]
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
     try:
         with counter, _marking_checkpoints(counter):
@@ -207,6 +210,8 @@ def _one_step(task: Any, model: torch.nn.Module, make_batch: Any, modules: list[
             loss.backward()
     finally:
         hook.remove()
+        for grad_hook in grad_hooks:
+            grad_hook.remove()
     for param in model.parameters():
         param.grad = None
     return StepPeaks(batch_size, dict(counter.peaks), dict(counter.resident_peaks), dict(counter.kind_at_peak),

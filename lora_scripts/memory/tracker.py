@@ -52,6 +52,17 @@ class AllocationCounter(TorchDispatchMode):
         for tensor in tensors:
             self.track(tensor, counted=False)
 
+    def uncount(self, tensor: torch.Tensor) -> None:
+        """Stop counting ``tensor``'s storage (a LoRA gradient once accumulated: the estimate adds every one of
+        them apart, and they do not grow with the batch as activations do)."""
+        storage = tensor.untyped_storage()
+        entry = self._live.get(id(storage))
+        if entry is not None and entry[0]() is storage and entry[1]:
+            ref, nbytes, kind = entry
+            self._live[id(storage)] = (ref, 0, kind)
+            self.current -= nbytes
+            self.by_kind[kind] -= nbytes
+
     def track(self, tensor: torch.Tensor, counted: bool = True) -> None:
         """Count ``tensor``'s storage if it is new (an op's output that is not a view of a known storage)."""
         storage = tensor.untyped_storage()
