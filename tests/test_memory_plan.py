@@ -93,7 +93,8 @@ def test_offload_moves_the_checkpointed_inputs_to_system_memory(deep_flux, tmp_p
     kept = planner.estimate(planner.settings())
     offload = planner.estimate({**planner.settings(), "gradient_checkpointing": "offload"})
     step = planner._probe(True)[1]
-    assert 0 < step.offloaded and step.peak_resident["backward"] < step.peak["backward"]
+    backward = [key for key in step.peak if key.startswith("backward")]
+    assert 0 < step.offloaded and any(step.peak_resident[key] < step.peak[key] for key in backward)
     assert offload.system["offloaded activations"] == step.offloaded
     assert offload.parts["activations and temporaries"] == max(step.peak_resident.values()) + 2 * step.offload_block
     assert "offloaded activations" not in kept.system

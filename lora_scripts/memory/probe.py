@@ -7,8 +7,10 @@ DiT's ops are its blocks (FLUX.1: 57, Qwen-Image: 60). So every long stack of id
 of at least :data:`MIN_STACK` same-class modules) is cut to its first ``k - 1`` blocks plus its last one (the last
 can differ: SD3's context-pre-only block), the step is measured at ``k = 2`` and with one stack at a time at
 ``k = 3`` (when that runs fewer modules than one whole step: not for SDXL), and each phase's peak is extrapolated linearly in each stack's depth: activations grow by one block's
-worth per block, checkpointed or not. Peaks are kept per phase (encoding before the denoiser, forward, backward) so
-a VAE-encoding peak, which depth does not move, is not stretched with the blocks. Activations are proportional to
+worth per block, checkpointed or not. Peaks are kept per phase (encoding before the denoiser, forward, backward) and
+per stack last entered, so a VAE-encoding peak, which depth does not move, is not stretched with the blocks, and the
+backward peak among FLUX's double blocks and the one among its single blocks are extended each on its own (their
+maximum is not linear in depth: which one wins changes with it). Activations are proportional to
 the batch (nothing in a step's activations is shared across samples), so one batch size is probed and the others
 scale; tests hold both shortcuts within 5% of the full step.
 """
@@ -93,11 +95,13 @@ class _PhaseCounter(AllocationCounter):
             self.marked_live -= self.marked.pop(key)
         super()._forget(key, ref)
 
+    segment = ""  # the stack group whose block ran last (set by forward pre-hooks, also on recompute)
+
     def track(self, tensor: torch.Tensor, counted: bool = True) -> None:
         before = self.current
         super().track(tensor, counted)
         if self.current > before:
-            phase = self.phase
+            phase = f"{self.phase}{self.segment}"
             if self.current > self.peaks.get(phase, -1):
                 self.peaks[phase] = self.current
                 self.kind_at_peak[phase] = dict(self.by_kind)
@@ -189,12 +193,20 @@ def _cutting_pays(model: torch.nn.Module, groups: list[list[torch.nn.ModuleList]
 
 
 def _one_step(task: Any, model: torch.nn.Module, make_batch: Any, modules: list[torch.nn.Module],
-              batch_size: int, dtype: torch.dtype) -> StepPeaks:
+              batch_size: int, dtype: torch.dtype, groups: list[list[torch.nn.ModuleList]] = ()) -> StepPeaks:
     counter = _PhaseCounter()
     counter.exclude([t for m in (*modules, model) for t in (*m.parameters(), *m.buffers())])
+    # Peaks are kept per (phase, stack last entered): a backward peak among FLUX's double blocks and one among its
+    # single blocks each grow linearly with depth, their maximum does not (which one wins changes with depth).
+    segment_hooks = []
+    for index, group in enumerate(groups):
+        def enter(*_: Any, label: str = f"/stack{index}") -> None:
+            counter.segment = label
+
+        segment_hooks += [block.register_forward_pre_hook(enter) for stack in group for block in stack]
 
     def enter_forward(*_: Any) -> None:
-        counter.phase, counter.kind = "forward", "activations"
+        counter.phase, counter.kind, counter.segment = "forward", "activations", ""
 
     hook = model.register_forward_pre_hook(enter_forward)
     # LoRA gradients are counted apart (budget.place), whole: not again among the step's temporaries
@@ -210,7 +222,7 @@ def _one_step(task: Any, model: torch.nn.Module, make_batch: Any, modules: list[
             loss.backward()
     finally:
         hook.remove()
-        for grad_hook in grad_hooks:
+        for grad_hook in grad_hooks + segment_hooks:
             grad_hook.remove()
     for param in model.parameters():
         param.grad = None
@@ -228,7 +240,7 @@ def _combine(base: StepPeaks, steps: list[tuple[StepPeaks, int]]) -> StepPeaks:
 
     out = StepPeaks(base.batch_size, offloaded=extend(lambda s: s.offloaded),
                     offload_block=max([base.offload_block] + [s.offload_block for s, _ in steps]))
-    for phase in base.peak:
+    for phase in sorted({key for s in [base, *(p for p, _ in steps)] for key in s.peak}):
         out.peak[phase] = extend(lambda s: s.peak.get(phase, 0))
         out.peak_resident[phase] = extend(lambda s: s.peak_resident.get(phase, 0))
         kinds = base.peak_kind.get(phase, {})
@@ -247,10 +259,10 @@ def measure_peaks(task: Any, model: torch.nn.Module, make_batch: Any, modules: l
     everything = [stack for group in groups for stack in group]
     depths = [len(group[0]) for group in groups]  # before any cut
     with _cut(everything, 2):
-        base = _one_step(task, model, make_batch, modules, batch_size, dtype)
+        base = _one_step(task, model, make_batch, modules, batch_size, dtype, groups)
     steps = []
     for group, depth in zip(groups, depths):
         others = [stack for stack in everything if not any(stack is g for g in group)]
         with _cut(others, 2), _cut(group, 3):
-            steps.append((_one_step(task, model, make_batch, modules, batch_size, dtype), depth - 2))
+            steps.append((_one_step(task, model, make_batch, modules, batch_size, dtype, groups), depth - 2))
     return _combine(base, steps)
