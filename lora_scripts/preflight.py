@@ -80,7 +80,7 @@ class MemoryEstimate:
         lines += _table(self.parts, self.capacity)
         if self.on_gpu:
             lines.append("system memory (beyond the process itself):")
-            lines += _table(self.system, self.ram)
+            lines += _table(self.system, self.ram, "system ")
         if self.choice == {}:
             lines.append("fits as configured")
         elif self.choice:
@@ -103,13 +103,14 @@ def human(nbytes: int) -> str:
     return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / 2**20:.1f} MiB"
 
 
-def _table(parts: dict[str, int], capacity: int | None) -> list[str]:
+def _table(parts: dict[str, int], capacity: int | None, prefix: str = "") -> list[str]:
+    """One breakdown; ``prefix`` names the system-memory totals apart (CI helpers read the GPU's ``total`` line)."""
     total = sum(parts.values())
     unit, scale = ("GiB", GiB) if max(total, capacity or 0) >= GiB else ("MiB", 2**20)
     lines = [f"  {name:<38}{value / scale:>10.2f} {unit}" for name, value in parts.items()]
-    lines.append(f"  {'total':<38}{total / scale:>10.2f} {unit}")
+    lines.append(f"  {prefix + 'total':<38}{total / scale:>10.2f} {unit}")
     if capacity is not None:
-        lines.append(f"  {'available':<38}{capacity / scale:>10.2f} {unit}")
+        lines.append(f"  {prefix + 'available':<38}{capacity / scale:>10.2f} {unit}")
     return lines
 
 
