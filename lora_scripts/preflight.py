@@ -288,6 +288,8 @@ def estimate_memory(cfg: TrainConfig, capacity: int | None = None, ram: int | No
     if capacity is None:
         capacity = free_device_memory()
     on_gpu = torch.cuda.is_available() or capacity is not None if gpu is None else gpu
+    if not on_gpu and capacity is None:
+        capacity = ram  # a CPU run: everything is in system memory
     planner = _Planner(cfg, on_gpu, full=full)
     estimate = planner.estimate(planner.settings())
     estimate.capacity, estimate.ram = capacity, ram
