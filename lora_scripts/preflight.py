@@ -296,9 +296,10 @@ def estimate_memory(cfg: TrainConfig, capacity: int | None = None, ram: int | No
     if choose and (capacity is not None or ram is not None):
         choice, chosen = choose_settings(planner, capacity, ram)
         estimate.choice, estimate.chosen, estimate.nothing_fits = choice, chosen, choice is None
-        if choice and set(choice) <= {"batch_size", "gradient_accumulation_steps"}:
-            estimate.recommended_batch_size = choice["batch_size"]
-            estimate.recommended_accumulation = choice["gradient_accumulation_steps"]
+        if choice is not None and set(choice) <= {"batch_size", "gradient_accumulation_steps"}:
+            estimate.recommended_batch_size = choice.get("batch_size", cfg.batch_size)
+            estimate.recommended_accumulation = choice.get("gradient_accumulation_steps",
+                                                           cfg.gradient_accumulation_steps)
     return estimate
 
 
