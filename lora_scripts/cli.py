@@ -81,7 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     quiet_libraries()
     from .preflight import check_fits
 
-    check_fits(cfg, force=args.force)  # on a GPU: refuse a run that clearly will not fit
+    if cfg.memory_profile != "auto":  # auto chooses (and refuses) at the start of train itself
+        check_fits(cfg, force=args.force)  # on a GPU: refuse a run that clearly will not fit
     from .train.loop import train
 
     result = train(cfg, show_progress=not args.no_progress)
@@ -106,10 +107,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     quiet_libraries()
     from .preflight import estimate_memory, parse_size
 
-    estimate = estimate_memory(cfg, capacity=parse_size(args.vram) if args.vram else None)
+    capacity = parse_size(args.vram) if args.vram else None
+    ram = parse_size(args.ram, "--ram") if args.ram else None
+    estimate = estimate_memory(cfg, capacity=capacity, ram=ram, full=args.full)
     print(estimate.render())
-    if estimate.capacity is None:
-        print("(no GPU found and no --vram given: pass --vram 24GB for a recommendation)")
+    if estimate.capacity is None and estimate.ram is None:
+        print("(no GPU found and no --vram given: this is a CPU run; pass --vram 24GB to plan for a GPU)")
     return 0
 
 
@@ -271,9 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "input_ids and labels per sample), to verify masking before training")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("estimate", help="memory breakdown and a recommended batch size (no weights loaded)")
+    p = sub.add_parser("estimate", help="GPU and system memory of a run and the cheapest settings that fit (no weights loaded)")
     _add_config_args(p)
-    p.add_argument("--vram", help="memory to plan for, e.g. 24GB (default: free memory of the GPU present)")
+    p.add_argument("--vram", help="GPU memory to plan for, e.g. 24GB (default: free memory of the GPU present)")
+    p.add_argument("--ram", help="system memory to plan for, e.g. 64GB (block swap and offload live there)")
+    p.add_argument("--full", action="store_true", help="run every block of the fake step instead of extrapolating "
+                   "from a few (slow: the reference the fast estimate is checked against)")
     p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("config-keys", help="list every config key with its default and meaning")

@@ -13,6 +13,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _estimate_cache(tmp_path_factory, monkeypatch):
+    """Memory estimates are cached in a per-session folder, never in the user's ~/.cache."""
+    if "LORA_SCRIPTS_ESTIMATE_CACHE" not in os.environ:
+        monkeypatch.setenv("LORA_SCRIPTS_ESTIMATE_CACHE", str(tmp_path_factory.getbasetemp() / "estimate-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     from lora_scripts.testing import make_tiny_sd_model

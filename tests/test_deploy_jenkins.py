@@ -150,7 +150,10 @@ def test_fits_reads_the_estimate_output(tmp_path):
 
     parts = {"frozen weights": 6 * GiB, "activations": 3 * GiB}
     cases = [(MemoryEstimate(4, parts, capacity=20 * GiB), 0), (MemoryEstimate(4, parts, capacity=8 * GiB), 1),
-             (MemoryEstimate(4, parts), 2), (MemoryEstimate(1, {"x": 300 * 2**20}, capacity=200 * 2**20), 1)]
+             (MemoryEstimate(4, parts), 2), (MemoryEstimate(1, {"x": 300 * 2**20}, capacity=200 * 2**20), 1),
+             # a GPU plan also prints system memory: its totals must not be read as the GPU's
+             (MemoryEstimate(4, parts, {"swapped blocks (9)": 40 * GiB}, capacity=20 * GiB, ram=64 * GiB,
+                             on_gpu=True), 0)]
     for i, (estimate, code) in enumerate(cases):
         path = tmp_path / f"estimate-{i}.txt"
         path.write_text(estimate.render() + "\n", encoding="utf-8")  # what `lora-scripts estimate` prints

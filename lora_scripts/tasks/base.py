@@ -113,6 +113,10 @@ class Task(ABC):
         raise NotImplementedError
 
     # --- optional hooks (defaults: nothing) ----------------------------------------------------------------------
+    def swap_blocks(self, model: "torch.nn.Module") -> list["torch.nn.Module"]:
+        """The blocks ``blocks_to_swap`` can keep in system memory, in the order they run (none by default)."""
+        return []
+
     def epoch_order(self, epoch: int, seed: int, global_batch: int) -> "np.ndarray | None":
         """A custom sample order for ``epoch`` (grouped by length or bucket), or None for a seeded shuffle.
 

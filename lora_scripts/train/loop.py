@@ -16,6 +16,8 @@ Features and the config keys that control them:
 - multi-process .............. ``torchrun --nproc_per_node N train.py ...`` (DDP; gloo on CPU)
 - sharding ................... ``fsdp: true``: the frozen base sharded across the processes (accelerate's FSDP2);
   checkpoints and the export gather the LoRA
+- memory settings ............ ``memory_profile: auto``: the estimate's cheapest fitting settings applied first,
+  printed, recorded in each checkpoint and kept on resume
 
 Set-up order matters: the data check and checkpoint lookup run first because they are cheap and catch user errors
 before minutes of model loading; the seed is set before the model so LoRA initialisation is reproducible; the
@@ -142,8 +144,32 @@ class Trainer:
         self.checkpoint_root = cfg.output_dir / "checkpoints"
 
     # --- set-up, in order ----------------------------------------------------------------------------------------
+    def _setup_memory_profile(self) -> None:
+        """``memory_profile: auto``: apply the settings the estimate chooses for this device (or, resuming, the ones
+        the checkpoint recorded, so optimizer states and block layout match). First, since they change the config
+        everything else reads."""
+        self.memory_settings: dict[str, Any] | None = None
+        cfg = self.cfg
+        if cfg.memory_profile != "auto":
+            return
+        from ..preflight import auto_settings, set_line
+
+        resume = _resolve_resume(cfg, self.checkpoint_root)
+        recorded = read_state(resume).get("memory_profile") if resume is not None else None
+        if recorded is not None:
+            applied, why = dict(recorded), f"kept from {resume}"
+        else:
+            applied, why = auto_settings(cfg), "chosen by the memory estimate for this device"
+        if applied:
+            data = {**cfg.model_dump(), **applied}
+            self.cfg = TrainConfig.model_validate(data)
+        self.memory_settings = applied
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"memory_profile: auto: {set_line(applied) if applied else 'fits as configured'} ({why})")
+
     def _setup_checks(self) -> None:
         """Everything a user can get wrong that is cheap to see: before accelerate, before any model."""
+        self._setup_memory_profile()
         cfg = self.cfg
         self.task: Task = make_task(cfg)
         self.task.check_base_model()
@@ -339,6 +365,8 @@ class Trainer:
                 "dataset_hash": self.data.dataset_hash,
                 "lora_scripts_version": __version__,
             }
+            if self.memory_settings is not None:
+                state["memory_profile"] = self.memory_settings
             finalize_checkpoint(tmp, final, state)
             prune_checkpoints(root, self.cfg.keep_last_checkpoints)
         acc.wait_for_everyone()
@@ -412,8 +440,8 @@ class Trainer:
         from torch.utils.data import DataLoader
         from tqdm.auto import tqdm
 
-        cfg = self.cfg
         self._setup_checks()
+        cfg = self.cfg  # after memory_profile: auto has applied its settings
         self._setup_accelerator()
         self._setup_model_and_optimizer()
         start_step = self._setup_resume()

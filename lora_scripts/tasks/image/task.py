@@ -406,6 +406,9 @@ class ImageTask(Task):
 
         return [components.denoiser, components.vae, *components.text_encoders], network, make_batch
 
+    def swap_blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        return self.family.swap_blocks(model.denoiser)
+
     def enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
         offload = self.cfg.gradient_checkpointing == "offload"
         model.denoiser.enable_gradient_checkpointing(checkpoint_offloaded if offload else None)

@@ -1,0 +1,1 @@
+"""Memory estimate internals: the allocation counter, the fast probe, placement, the result cache."""
