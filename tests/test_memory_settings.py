@@ -116,6 +116,20 @@ def test_block_swap_of_a_quantised_base_gives_the_same_run_and_moves_quantised_b
         assert frozen_bytes(swap.blocks[index]) == held  # loaded: its quantised size on the device
 
 
+def test_block_swap_of_an_int8_base_with_two_processes_gives_the_lora_of_one(flux, data, tmp_path):
+    """DDP leaves the quantised weights out of its broadcast; their swapped inner tensors do not get in its way."""
+    from .helpers import run_torchrun
+
+    common = dict(text_max_length=16, learning_rate=5e-3, max_train_steps=3, output_name="lora",
+                  base_quantization="int8", blocks_to_swap=3)
+    _train(flux, data, tmp_path / "one", **common)
+    raw = tiny_image_config(flux, data, tmp_path / "two", batch_size=1, **common)
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    proc = run_torchrun(tmp_path / "two.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_tensors(tmp_path / "one/lora.safetensors", tmp_path / "two/lora.safetensors", atol=1e-5)
+
+
 def test_block_swap_with_two_processes_gives_the_lora_of_one(flux_runs, flux, data, tmp_path):
     """DDP over swapped blocks: its start-up broadcast passes over the placeholders, the LoRA gradients sync."""
     from .helpers import run_torchrun
