@@ -1,12 +1,13 @@
 """What the memory settings cost and save on a small FLUX-shaped transformer with LoRA: forward + backward + AdamW
-per step, for no checkpointing, ``gradient_checkpointing: true / offload`` and ``blocks_to_swap``.
+per step, for no checkpointing, ``gradient_checkpointing: true / offload`` and ``blocks_to_swap``, and
+``base_quantization: int8`` without and with ``blocks_to_swap``.
 
     PYTHONPATH=. python benchmarks/memory_settings.py [--steps 6] [--width 256] [--tokens 1024] [--device cuda]
 
 Columns: median s/step; peak device memory (CUDA: ``torch.cuda.max_memory_allocated``; on the CPU, where host and
 device are the same memory, "-"); the peak of frozen block weights held on the device (counted from the blocks'
-tensors whenever a block is loaded: what block swap saves, on any device); and whether the LoRA after the steps equals
-the plain run's bit for bit. Never run by the test suite.
+tensors, at their stored size, whenever a block is loaded: what block swap saves, on any device); and whether the
+LoRA after the steps equals the plain run's (int8 rows: the int8 run's) bit for bit. Never run by the test suite.
 """
 
 from __future__ import annotations
@@ -18,30 +19,38 @@ import time
 import torch
 
 
-def build(width: int, double: int, single: int, device: torch.device):
+def build(width: int, double: int, single: int, int8: bool):
+    """The transformer on the CPU, int8 (torchao, as ``base_quantization: int8`` stores it) if asked, with LoRA."""
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
+
+    from lora_scripts.models.quantize import quantize_frozen
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=double, num_single_layers=single,
                                    attention_head_dim=64, num_attention_heads=width // 64, joint_attention_dim=64,
                                    pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(16, 24, 24))
     model.requires_grad_(False)
+    if int8:
+        quantize_frozen(model, "int8", torch.device("cpu"), torch.float32)
     model.add_adapter(LoraConfig(r=16, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_out"]))
     return model
 
 
 def frozen_block_bytes(blocks) -> int:
-    return sum(p.numel() * p.element_size() for b in blocks for p in b.parameters() if not p.requires_grad)
+    from lora_scripts.models.quantize import storage_tensors
+
+    return sum(t.numel() * t.element_size() for b in blocks for p in b.parameters() if not p.requires_grad
+               for t in storage_tensors(p))
 
 
 def run(setting: str, args, device: torch.device) -> dict:
     from lora_scripts.offload import BlockSwap, DevicePair, checkpoint_offloaded
 
-    model = build(args.width, args.double, args.single, torch.device("cpu"))
+    model = build(args.width, args.double, args.single, setting.startswith("int8"))
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
-    swap_count = int(setting.split()[-1]) if setting.startswith("swap") else 0
-    if setting != "plain":
+    swap_count = int(setting.split()[-1]) if "swap" in setting else 0
+    if setting not in ("plain", "int8"):
         model.enable_gradient_checkpointing(checkpoint_offloaded if "offload" in setting else None)
     peak_block_bytes = [0]
     if swap_count:
@@ -102,16 +111,17 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     blocks = args.double + args.single
-    settings = ["plain", "checkpointing", "checkpointing offload", f"swap {blocks // 2}", f"swap {blocks}"]
+    settings = ["plain", "checkpointing", "checkpointing offload", f"swap {blocks // 2}", f"swap {blocks}", "int8",
+                f"int8 swap {blocks // 2}"]
     results = {s: run(s, args, device) for s in settings}
-    reference = results["plain"]["lora"]
     print(f"FLUX-shaped transformer: {args.double} double + {args.single} single blocks, width {args.width}, "
           f"{args.tokens} image tokens + 64 text tokens, LoRA r16, batch 1, {args.steps} steps on {device}")
-    print("swap N: blocks_to_swap N with gradient_checkpointing")
+    print("swap N: blocks_to_swap N with gradient_checkpointing; int8: base_quantization int8")
     print(f"| {'setting':<24} | s/step | peak device MB | block weights on device MB | LoRA = plain |")
     print(f"|{'-' * 26}|--------|----------------|----------------------------|--------------|")
     for name, r in results.items():
         peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
+        reference = results["int8" if name.startswith("int8") else "plain"]["lora"]
         same = all(torch.equal(reference[k], r["lora"][k]) for k in reference)
         print(f"| {name:<24} | {r['s_per_step']:6.3f} | {peak:>14} | {r['block_weights_mb']:26.1f} | "
               f"{'yes' if same else 'no':>12} |")

@@ -12,6 +12,11 @@ backward. Two choices differ from musubi-tuner, whose LoRA lives outside the blo
   parameters, and the optimizer step is the same as without swapping.
 - frozen weights never change, so a block leaving the device is not copied back: its tensors are dropped (replaced
   by an empty placeholder, so a block that runs while it is not loaded fails loudly instead of computing garbage).
+- a quantised weight (``base_quantization: int8 / fp8``, a torchao tensor subclass) travels as the plain tensors it
+  stores (int8 / float8 ``qdata`` and its ``scale``): 1 byte per weight, and the wrapper stays in place. A wrapper's
+  ``.data`` cannot be replaced, so its inner tensors are set as its attributes: ``module.to`` gives a wrapper new
+  inner tensor objects (``torch.utils.swap_tensors``), so holding on to the old ones would load the wrong objects.
+  A wrapper rebuilt while its block is dropped reports its placeholder's shape; only its inner tensors are read.
 
 The copies go through a :class:`DevicePair`. On a CUDA device it pins the host copies and copies on a side stream;
 on the CPU both ends are CPU memory and a load is a real copy into new storage, so the whole mechanism (hooks,
@@ -34,11 +39,44 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .models.quantize import is_quantized_weight
+
 
 @dataclass
 class _Transfer:
     tensors: list[torch.Tensor]
     event: Any  # torch.cuda.Event on a CUDA device, else None
+
+
+@dataclass
+class _Slot:
+    """Where one swapped plain tensor lives: ``owner.data`` (a plain parameter or buffer), or attribute ``name`` of
+    ``owner`` (a quantised weight's ``qdata``, ``scale``…); and its host copy."""
+    owner: torch.Tensor
+    name: str | None
+    host: torch.Tensor
+
+    def get(self) -> torch.Tensor:
+        return self.owner if self.name is None else getattr(self.owner, self.name)
+
+    def put(self, tensor: torch.Tensor) -> None:
+        if self.name is None:
+            self.owner.data = tensor
+        else:
+            setattr(self.owner, self.name, tensor)
+
+
+def _inner_slots(tensor: torch.Tensor) -> Iterator[tuple[torch.Tensor, str]]:
+    """(wrapper, attribute) of every plain tensor a quantised wrapper stores its data in: its
+    ``__tensor_flatten__`` names, recursively."""
+    for name in tensor.__tensor_flatten__()[0]:
+        inner = getattr(tensor, name)
+        if inner is None:
+            continue
+        if is_quantized_weight(inner):
+            yield from _inner_slots(inner)
+        else:
+            yield tensor, name
 
 
 class DevicePair:
@@ -118,7 +156,7 @@ class BlockSwap:
         self.first = len(blocks) - count  # blocks[first:] are swapped
         self.loaded: set[int] = set()
         self.pending: dict[int, _Transfer] = {}
-        self.tensors: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # index -> [(module tensor, host)]
+        self.tensors: dict[int, list[_Slot]] = {}  # index -> the block's swapped tensors
         self.loads = 0  # how many block loads were done (benchmarks and tests read it)
         self._handles: list[Any] = []
 
@@ -155,13 +193,26 @@ class BlockSwap:
                         if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
                             tensor.data = tensor.data.to(device)  # LoRA: resident, where the optimizer expects it
                             continue
-                        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
-                        entries.append((tensor, self.pair.host_copy(tensor, dtype)))
-                        tensor.data = self.pair.placeholder(dtype)
+                        if is_quantized_weight(tensor):  # its qdata and scale, at their stored dtypes
+                            entries.extend(self._swap_out(owner, name) for owner, name in _inner_slots(tensor))
+                        else:
+                            entries.append(self._swap_out(tensor, None))
             self.tensors[index] = entries
+            # quantised wrappers rebuilt around their (device) placeholders, as accelerate's prepare would anyway
+            self.blocks[index].to(device)
         for index, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_pre_hook(self._pre_hook(index)))
             self._handles.append(block.register_forward_hook(self._post_hook(index)))
+
+    def _swap_out(self, owner: torch.Tensor, name: str | None) -> _Slot:
+        """Keep a host copy of a plain tensor (``owner`` itself, or its attribute ``name``) and leave a placeholder
+        in its place. Plain floating tensors are kept in the run's dtype, a quantised weight's as stored."""
+        slot = _Slot(owner, name, owner)
+        tensor = slot.get()
+        cast = name is None and tensor.is_floating_point()
+        slot.host = self.pair.host_copy(tensor, self.dtype if cast else tensor.dtype)
+        slot.put(self.pair.placeholder(slot.host.dtype))
+        return slot
 
     # --- the schedule --------------------------------------------------------------------------------------------
     def _pre_hook(self, index: int) -> Callable[..., None]:
@@ -191,8 +242,8 @@ class BlockSwap:
         if index < self.first or index in self.loaded:
             return
         transfer = self.pending.pop(index, None) or self._start(index)
-        for (tensor, _), loaded in zip(self.tensors[index], self.pair.finish(transfer)):
-            tensor.data = loaded
+        for slot, loaded in zip(self.tensors[index], self.pair.finish(transfer)):
+            slot.put(loaded)
         self.loaded.add(index)
 
     def _prefetch(self, index: int) -> None:
@@ -201,12 +252,12 @@ class BlockSwap:
 
     def _start(self, index: int) -> _Transfer:
         self.loads += 1
-        return self.pair.start([host for _, host in self.tensors[index]])
+        return self.pair.start([slot.host for slot in self.tensors[index]])
 
     def _keep_only(self, keep: set[int]) -> None:
         for index in [i for i in self.loaded if i not in keep]:
-            for tensor, host in self.tensors[index]:
-                tensor.data = self.pair.placeholder(host.dtype)
+            for slot in self.tensors[index]:
+                slot.put(self.pair.placeholder(slot.host.dtype))
             self.loaded.discard(index)
         for index in [i for i in self.pending if i not in keep]:
             del self.pending[index]

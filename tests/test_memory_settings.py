@@ -81,6 +81,55 @@ def test_block_swap_gives_the_same_losses_and_lora_bit_for_bit(flux_runs):
     assert flux_runs["plain"][1].task.block_swap is None
 
 
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_block_swap_of_a_quantised_base_gives_the_same_run_and_moves_quantised_bytes(kind, flux, data, tmp_path):
+    """``base_quantization`` with ``blocks_to_swap`` (some and all blocks): the same losses and LoRA as the quantised
+    run without swapping, and what a swapped block keeps and loads is its int8 / float8 data and scales."""
+    from lora_scripts.models.quantize import is_quantized_weight, storage_tensors
+
+    runs = {name: _train(flux, data, tmp_path / name, base_quantization=kind, **kw) for name, kw in {
+        "plain": {}, "swap3": {"blocks_to_swap": 3},
+        "checkpointed": {"gradient_checkpointing": True},
+        "swap4_checkpointed": {"blocks_to_swap": 4, "gradient_checkpointing": True}}.items()}
+    for name, reference in (("swap3", "plain"), ("swap4_checkpointed", "checkpointed")):
+        _assert_same_run(tmp_path / reference, tmp_path / name)
+    assert runs["swap3"].task.block_swap.loads == 3 * (3 + 2)  # the schedule of the full-precision swap
+    assert runs["swap4_checkpointed"].task.block_swap.loads == (4 + 3) + 2 * (3 + 3)
+
+    def frozen_bytes(block: torch.nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for p in block.parameters() if not p.requires_grad
+                   for t in storage_tensors(p))
+
+    plain = runs["plain"].task
+    swap, unswapped = runs["swap3"].task.block_swap, plain.family.swap_blocks(plain.components.denoiser)
+    stored = torch.int8 if kind == "int8" else torch.float8_e4m3fn
+    for index in range(swap.first, len(swap.blocks)):
+        hosts = [slot.host for slot in swap.tensors[index]]
+        held = sum(h.numel() * h.element_size() for h in hosts)
+        assert held == frozen_bytes(unswapped[index])  # what the block stores without swapping
+        # every linear weight kept (and loaded) at 1 byte per weight, none de-quantised on its way
+        quantised = sum(p.numel() for p in unswapped[index].parameters() if is_quantized_weight(p))
+        qdata = [slot.host for slot in swap.tensors[index] if slot.name == "qdata"]  # torchao's name for it
+        assert quantised and all(h.dtype == stored for h in qdata) and sum(h.numel() for h in qdata) == quantised
+        assert index not in swap.loaded and frozen_bytes(swap.blocks[index]) == 0  # dropped after the run
+        swap._ensure(index)
+        assert frozen_bytes(swap.blocks[index]) == held  # loaded: its quantised size on the device
+
+
+def test_block_swap_of_an_int8_base_with_two_processes_gives_the_lora_of_one(flux, data, tmp_path):
+    """DDP leaves the quantised weights out of its broadcast; their swapped inner tensors do not get in its way."""
+    from .helpers import run_torchrun
+
+    common = dict(text_max_length=16, learning_rate=5e-3, max_train_steps=3, output_name="lora",
+                  base_quantization="int8", blocks_to_swap=3)
+    _train(flux, data, tmp_path / "one", **common)
+    raw = tiny_image_config(flux, data, tmp_path / "two", batch_size=1, **common)
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    proc = run_torchrun(tmp_path / "two.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_tensors(tmp_path / "one/lora.safetensors", tmp_path / "two/lora.safetensors", atol=1e-5)
+
+
 def test_block_swap_with_two_processes_gives_the_lora_of_one(flux_runs, flux, data, tmp_path):
     """DDP over swapped blocks: its start-up broadcast passes over the placeholders, the LoRA gradients sync."""
     from .helpers import run_torchrun

@@ -352,11 +352,15 @@ def test_cache_keys_tell_a_quantised_encoder_from_the_full_precision_one(tiny_fl
     assert len(set(keys[:3])) == 3 and keys[1] == keys[3]  # and quantising is deterministic
 
 
-@pytest.mark.parametrize("key, value", [("blocks_to_swap", 2), ("fsdp", True)])
-def test_quantised_base_with_block_swap_or_fsdp_is_refused_in_one_line(write_config, capsys, key, value):
+@pytest.mark.parametrize("kind, key, value, reason", [
+    ("int8", "fsdp", True, "FSDP2 cannot shard torchao's weight-only tensors"),
+    ("nf4", "blocks_to_swap", 2, "block swap does not move bitsandbytes' 4-bit quantisation state")])
+def test_quantised_base_with_fsdp_or_nf4_with_block_swap_is_refused_in_one_line(write_config, capsys, kind, key,
+                                                                               value, reason):
+    """(int8 / fp8 with ``blocks_to_swap`` train: tests/test_memory_settings.py.)"""
     from lora_scripts.cli import main
 
-    config = write_config(base_quantization="int8", **{key: value})
+    config = write_config(base_quantization=kind, **{key: value})
     assert main(["train", "--config", str(config), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "base_quantization: int8" in err and key in err
+    assert "\n" not in err and f"base_quantization: {kind} with {key}" in err and reason in err

@@ -37,10 +37,15 @@ def check_base_quantization(cfg: Any) -> None:
     kind = cfg.base_quantization
     if kind == "none":
         return
-    for key in ("blocks_to_swap", "fsdp"):
-        if getattr(cfg, key, None):
-            raise ConfigError(f"{_spelling(cfg)} with {key} is not supported yet (quantised weights are neither "
-                              f"swapped nor sharded here); remove {key} or set base_quantization: none")
+    if getattr(cfg, "fsdp", False):
+        # tried: fully_shard fails on torchao 0.18's Int8Tensor (no aten.split) and Float8Tensor (no aten.new_zeros)
+        reason = ("FSDP2 cannot shard torchao's weight-only tensors: they lack the ops it needs"
+                  if kind in TORCHAO_KINDS else "4-bit weights are not sharded here")
+        raise ConfigError(f"{_spelling(cfg)} with fsdp is not supported ({reason}); use blocks_to_swap on one GPU "
+                          "with int8 / fp8, or base_quantization: none")
+    if kind == "nf4" and getattr(cfg, "blocks_to_swap", None):
+        raise ConfigError(f"{_spelling(cfg)} with blocks_to_swap is not supported (block swap does not move "
+                          "bitsandbytes' 4-bit quantisation state); use base_quantization: int8 or fp8 to swap blocks")
     if kind == "nf4":
         if not torch.cuda.is_available():
             raise ConfigError(f"{_spelling(cfg)} (QLoRA) needs a CUDA GPU (bitsandbytes); use base_quantization: "

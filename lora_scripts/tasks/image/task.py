@@ -266,15 +266,19 @@ class ImageTask(Task):
         self.block_swap = self._block_swap(components.denoiser, device, weight_dtype)
         for module in (*components.text_encoders, components.vae, components.denoiser):
             module.requires_grad_(False)
-            if id(module) in quantized:  # cast on the CPU, then quantised layer by layer onto the device
-                if weight_dtype != torch.float32:
-                    module.to(dtype=weight_dtype)
-                quantize_frozen(module, kind, device, weight_dtype)
-                module.eval()
-                continue
             # swapped blocks stay on the CPU: the whole denoiser may not fit on the device
             held = self.block_swap.held_back(module) if self.block_swap and module is components.denoiser \
                 else nullcontext()
+            if id(module) in quantized:  # cast on the CPU, then quantised layer by layer onto the device
+                if weight_dtype != torch.float32:
+                    module.to(dtype=weight_dtype)
+                with held:
+                    quantize_frozen(module, kind, device, weight_dtype)
+                if self.block_swap and module is components.denoiser:  # quantised where they will be kept
+                    for block in self.block_swap.swapped:
+                        quantize_frozen(block, kind, torch.device("cpu"), weight_dtype)
+                module.eval()
+                continue
             with held:
                 module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
             module.eval()
