@@ -64,3 +64,15 @@ def write_config(tiny_sd, image_data, tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny-model tests (``pytestmark = pytest.mark.usefixtures("one_thread")``): one intra-op thread
+    is fastest for them, and on a busy machine much faster than several."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

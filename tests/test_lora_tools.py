@@ -25,12 +25,7 @@ UNET = ["to_q", "to_k", "to_v", "to_out.0"]
 TE = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _pipe(model):

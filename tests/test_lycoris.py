@@ -19,12 +19,7 @@ from .helpers import run_cli
 lycoris = pytest.importorskip("lycoris")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _train(model, tmp, **overrides) -> Trainer:

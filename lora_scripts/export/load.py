@@ -242,28 +242,36 @@ def _read_kohya(path: Path, tensors: Mapping[str, torch.Tensor], targets: Mappin
     return found
 
 
+def kohya_spellings(part: str, path: str, family: str, unet_config: Any, prefix: str | None = None) -> list[str]:
+    """Every kohya name the module at ``path`` of ``part`` may carry in a file, ours (sd-scripts') first: for the
+    UNet also the diffusers-path and the LDM-path names (A1111 and ComfyUI accept both for SD1 too), for a text
+    encoder also the path without ``text_model.``."""
+    from ..models.ldm import unet_module_to_ldm
+
+    first = kohya_module_name(part, path, family=family, unet_config=unet_config)
+    prefix = prefix or "_".join(first.split("_", 2)[:2])
+    spellings = [first]
+    if part == "unet":
+        spellings.append(f"{prefix}_{path.replace('.', '_')}")
+        try:
+            spellings.append(f"{prefix}_{unet_module_to_ldm(path, unet_config).replace('.', '_')}")
+        except ValueError:
+            pass
+    else:
+        spellings.append(f"{prefix}_{path.removeprefix('text_model.').replace('.', '_')}")
+    return spellings
+
+
 def _kohya_lookup(targets: Mapping[str, Mapping[str, _Target]], family: str,
                   unet_config: Any) -> dict[str, tuple[str, str]]:
     """Every kohya spelling of every module the run trains -> (part, peft module name)."""
-    from ..models.ldm import unet_module_to_ldm
-
     lookup: dict[str, tuple[str, str]] = {}
     for part, modules in targets.items():
         if part not in PART_PREFIXES[family]:
             raise ValueError(f"a {family} model has no part {part!r}")
-        prefix = PART_PREFIXES[family][part]
         for name in modules:
             path = name.removeprefix("base_model.model.")
-            spellings = {kohya_module_name(part, path, family=family, unet_config=unet_config)}
-            if part == "unet":
-                spellings.add(f"{prefix}_{path.replace('.', '_')}")  # diffusers-path names, any family
-                try:  # LDM names, any family (A1111 and ComfyUI accept both for SD1 too)
-                    spellings.add(f"{prefix}_{unet_module_to_ldm(path, unet_config).replace('.', '_')}")
-                except ValueError:
-                    pass
-            else:
-                spellings.add(f"{prefix}_{path.removeprefix('text_model.').replace('.', '_')}")
-            for spelling in spellings:
+            for spelling in kohya_spellings(part, path, family, unet_config, PART_PREFIXES[family][part]):
                 lookup[spelling] = (part, name)
     return lookup
 

@@ -52,8 +52,7 @@ def load_model_parts(path: Path, what: str, config: Path | None = None,
 def kohya_lookup(parts: Mapping[str, torch.nn.Module], family: str) -> dict[str, tuple[str, str]]:
     """Every kohya spelling (sd-scripts', diffusers-path, LDM-path; text encoders with or without ``text_model_``)
     of every Linear/Conv2d module of ``parts`` -> (part, module path)."""
-    from ..export.kohya import kohya_module_name
-    from ..models.ldm import unet_module_to_ldm
+    from ..export.load import kohya_spellings
 
     names: dict[str, tuple[str, str]] = {}
     for part, root in parts.items():
@@ -63,18 +62,7 @@ def kohya_lookup(parts: Mapping[str, torch.nn.Module], family: str) -> dict[str,
         for path, layer in root.named_modules():
             if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
                 continue
-            first = kohya_module_name(part, path, family=family, unet_config=config)
-            prefix = "_".join(first.split("_", 2)[:2])
-            spellings = [first]
-            if part == "unet":
-                spellings.append(f"{prefix}_{path.replace('.', '_')}")
-                try:
-                    spellings.append(f"{prefix}_{unet_module_to_ldm(path, config).replace('.', '_')}")
-                except ValueError:
-                    pass
-            else:
-                spellings.append(f"{prefix}_{path.removeprefix('text_model.').replace('.', '_')}")
-            for spelling in spellings:
+            for spelling in kohya_spellings(part, path, family, config):
                 names.setdefault(spelling, (part, path))
     return names
 
