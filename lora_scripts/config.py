@@ -440,8 +440,10 @@ class TrainConfig(_Strict):
                 if bad:
                     raise ValueError(f"{key}: peft's {'LoKr' if kind == 'lokr' else 'LoHa'} has no {key}; "
                                      f"remove it or use network_type: lora")
-        if self.network_type != "lokr" and ("lokr_factor" in self.model_fields_set
-                                            or "lokr_decompose_both" in self.model_fields_set):
+        # a value other than the default: a dumped config (model_dump, the saved config.yaml) holds every field
+        if self.network_type != "lokr" and any(
+                key in self.model_fields_set and getattr(self, key) != type(self).model_fields[key].default
+                for key in ("lokr_factor", "lokr_decompose_both")):
             raise ValueError("lokr_factor / lokr_decompose_both are LoKr options; set network_type: lokr or remove them")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise ValueError(f"lokr_factor: {self.lokr_factor} is not a factor; use -1 or a positive integer")
