@@ -290,12 +290,16 @@ def measure_peaks(task: Any, model: torch.nn.Module, make_batch: Any, modules: l
     everything = [stack for group in groups for stack in group]
     depths = [len(group[0]) for group in groups]  # before any cut
     carried: dict[int, Any] = {}
-    with _cut(everything, 2):
-        base = _one_step(task, model, make_batch, modules, batch_size, dtype, groups, carried)
-    steps = []
-    for group, depth in zip(groups, depths):
-        others = [stack for stack in everything if not any(stack is g for g in group)]
-        with _cut(others, 2), _cut(group, 3):
-            steps.append((_one_step(task, model, make_batch, modules, batch_size, dtype, groups, carried),
-                          depth - 2))
+    gc.freeze()  # the model and the libraries: the collections between steps walk only what the steps made
+    try:
+        with _cut(everything, 2):
+            base = _one_step(task, model, make_batch, modules, batch_size, dtype, groups, carried)
+        steps = []
+        for group, depth in zip(groups, depths):
+            others = [stack for stack in everything if not any(stack is g for g in group)]
+            with _cut(others, 2), _cut(group, 3):
+                steps.append((_one_step(task, model, make_batch, modules, batch_size, dtype, groups, carried),
+                              depth - 2))
+    finally:
+        gc.unfreeze()
     return _combine(base, steps)
