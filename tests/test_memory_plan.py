@@ -87,6 +87,27 @@ def test_cut_and_scaled_probe_is_within_5_percent_of_the_full_step(deep_flux, de
         assert fast.parts["LoRA weights"] == full.parts["LoRA weights"]
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_model_that_caches_across_steps_is_estimated_within_5_percent(tmp_path, checkpointing):
+    """Qwen-Image keeps its RoPE frequencies in per-shape caches filled by the first forward: the first (cut)
+    probe step paid for them and the later ones did not, which passed for the blocks' increment (fast -83% here,
+    -9.6% at full size)."""
+    from lora_scripts.tiny_models.qwen_image import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "deep-qwen")
+    path = folder / "transformer" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_layers": 12}))
+    data = make_captioned_images(tmp_path / "d", count=2)
+    cfg = build_config({**tiny_image_config(folder, data, tmp_path / "o", text_max_length=16, mixed_precision="bf16"),
+                        "batch_size": 1, "gradient_checkpointing": checkpointing})
+    model = _probe_model(cfg)
+    groups = _stack_groups(find_stacks(model))
+    assert len(groups) == 1 and _cutting_pays(model, groups)
+    fast = estimate_memory(cfg, gpu=True, choose=False)
+    full = estimate_memory(cfg, gpu=True, choose=False, full=True)
+    assert step_bytes(fast) == pytest.approx(step_bytes(full), rel=0.05)
+
+
 def test_offload_moves_the_checkpointed_inputs_to_system_memory(deep_flux, tmp_path):
     cfg = flux_cfg(deep_flux, tmp_path, gradient_checkpointing=True)
     planner = preflight._Planner(cfg, on_gpu=True)

@@ -7,7 +7,9 @@ DiT's ops are its blocks (FLUX.1: 57, Qwen-Image: 60). So every long stack of id
 of at least :data:`MIN_STACK` same-class modules) is cut to its first ``k - 1`` blocks plus its last one (the last
 can differ: SD3's context-pre-only block), the step is measured at ``k = 2`` and with one stack at a time at
 ``k = 3`` (when that runs fewer modules than one whole step: not for SDXL), and each phase's peak is extrapolated linearly in each stack's depth: activations grow by one block's
-worth per block, checkpointed or not. Peaks are kept per phase (encoding before the denoiser, forward, backward) and
+worth per block, checkpointed or not. What the model caches between steps (Qwen-Image's per-shape RoPE
+frequencies) only the first step creates: every later one counts it from the forward's start
+(:meth:`_PhaseCounter.carry_in`), else the difference passes for the blocks'. Peaks are kept per phase (encoding before the denoiser, forward, backward) and
 per stack last entered, so a VAE-encoding peak, which depth does not move, is not stretched with the blocks, and the
 backward peak among FLUX's double blocks and the one among its single blocks are extended each on its own (their
 maximum is not linear in depth: which one wins changes with it). Activations are proportional to
@@ -18,6 +20,7 @@ scale; tests hold both shortcuts within 5% of the full step.
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
@@ -88,6 +91,22 @@ class _PhaseCounter(AllocationCounter):
         self.marked_live = 0
         self.marked_peak = 0
         self.block_peak = 0
+        self.carried: dict[int, Any] = {}  # storage id -> weakref: what earlier steps left in the model's caches
+
+    def survivors(self) -> dict[int, Any]:
+        """Counted storages alive after the step, and the carried ones: what the model keeps between steps
+        (diffusers' per-shape RoPE caches, functools.lru_cache on module methods)."""
+        alive = {key: entry[0] for key, entry in self._live.items() if entry[1] and entry[0]() is not None}
+        return {**{k: r for k, r in self.carried.items() if r() is not None}, **alive}
+
+    def carry_in(self) -> None:
+        """Count what earlier steps left in the model's caches, as the model's forward starts: the step that filled
+        them counted them from their creation in its forward, so every probe step counts them (else the first pays
+        for them and the difference passes for the blocks': Qwen-Image's RoPE cache made its step 10% low)."""
+        for ref in self.carried.values():
+            storage = ref()
+            if storage is not None:
+                self.track_storage(storage)
 
     def _forget(self, key: int, ref: Any) -> None:
         entry = self._live.get(key)
@@ -97,9 +116,9 @@ class _PhaseCounter(AllocationCounter):
 
     segment = ""  # the stack group whose block ran last (set by forward pre-hooks, also on recompute)
 
-    def track(self, tensor: torch.Tensor, counted: bool = True) -> None:
+    def track_storage(self, storage: torch.UntypedStorage, counted: bool = True) -> None:
         before = self.current
-        super().track(tensor, counted)
+        super().track_storage(storage, counted)
         if self.current > before:
             phase = f"{self.phase}{self.segment}"
             if self.current > self.peaks.get(phase, -1):
@@ -193,8 +212,11 @@ def _cutting_pays(model: torch.nn.Module, groups: list[list[torch.nn.ModuleList]
 
 
 def _one_step(task: Any, model: torch.nn.Module, make_batch: Any, modules: list[torch.nn.Module],
-              batch_size: int, dtype: torch.dtype, groups: list[list[torch.nn.ModuleList]] = ()) -> StepPeaks:
+              batch_size: int, dtype: torch.dtype, groups: list[list[torch.nn.ModuleList]] = (),
+              carried: dict[int, Any] | None = None) -> StepPeaks:
+    """One step under the counter; ``carried`` (updated) holds what the model cached in earlier steps."""
     counter = _PhaseCounter()
+    counter.carried = dict(carried or {})
     counter.exclude([t for m in (*modules, model) for t in (*m.parameters(), *m.buffers())])
     # Peaks are kept per (phase, stack last entered): a backward peak among FLUX's double blocks and one among its
     # single blocks each grow linearly with depth, their maximum does not (which one wins changes with depth).
@@ -207,6 +229,7 @@ def _one_step(task: Any, model: torch.nn.Module, make_batch: Any, modules: list[
 
     def enter_forward(*_: Any) -> None:
         counter.phase, counter.kind, counter.segment = "forward", "activations", ""
+        counter.carry_in()
 
     hook = model.register_forward_pre_hook(enter_forward)
     # LoRA gradients are counted apart (budget.place), whole: not again among the step's temporaries
@@ -226,25 +249,33 @@ def _one_step(task: Any, model: torch.nn.Module, make_batch: Any, modules: list[
             grad_hook.remove()
     for param in model.parameters():
         param.grad = None
+    if carried is not None:
+        gc.collect()  # what only reference cycles hold (autograd and checkpoint frames) is no cache
+        carried.clear()
+        carried.update(counter.survivors())
     return StepPeaks(batch_size, dict(counter.peaks), dict(counter.resident_peaks), dict(counter.kind_at_peak),
                      counter.marked_peak, counter.block_peak)
 
 
 def _combine(base: StepPeaks, steps: list[tuple[StepPeaks, int]]) -> StepPeaks:
-    """Extrapolate: ``base`` at k = 2 plus, per stack group, (its depth - 2) times its one-block increment."""
-    def extend(get: Any) -> Any:
+    """Extrapolate: ``base`` at k = 2 plus, per stack group, (its depth - 2) times its one-block increment, for the
+    peaks among the blocks; the peaks before them (encoding, the forward up to the first block) are the base's."""
+    def extend(get: Any, stacked: bool = True) -> Any:
         value = get(base)
-        for probe, blocks in steps:
+        for probe, blocks in steps if stacked else ():
             value += blocks * (get(probe) - get(base))
         return max(int(value), 0)
 
     out = StepPeaks(base.batch_size, offloaded=extend(lambda s: s.offloaded),
                     offload_block=max([base.offload_block] + [s.offload_block for s, _ in steps]))
     for phase in sorted({key for s in [base, *(p for p, _ in steps)] for key in s.peak}):
-        out.peak[phase] = extend(lambda s: s.peak.get(phase, 0))
-        out.peak_resident[phase] = extend(lambda s: s.peak_resident.get(phase, 0))
+        # only the first step pays for what the model caches (:meth:`_PhaseCounter.carry_in`): later ones count
+        # it from the forward's start, which would pass for depth before the first block
+        stacked = "/stack" in phase
+        out.peak[phase] = extend(lambda s: s.peak.get(phase, 0), stacked)
+        out.peak_resident[phase] = extend(lambda s: s.peak_resident.get(phase, 0), stacked)
         kinds = base.peak_kind.get(phase, {})
-        out.peak_kind[phase] = {k: extend(lambda s: s.peak_kind.get(phase, {}).get(k, 0)) for k in kinds}
+        out.peak_kind[phase] = {k: extend(lambda s: s.peak_kind.get(phase, {}).get(k, 0), stacked) for k in kinds}
     return out
 
 
@@ -258,11 +289,17 @@ def measure_peaks(task: Any, model: torch.nn.Module, make_batch: Any, modules: l
         return _one_step(task, model, make_batch, modules, batch_size, dtype)
     everything = [stack for group in groups for stack in group]
     depths = [len(group[0]) for group in groups]  # before any cut
-    with _cut(everything, 2):
-        base = _one_step(task, model, make_batch, modules, batch_size, dtype, groups)
-    steps = []
-    for group, depth in zip(groups, depths):
-        others = [stack for stack in everything if not any(stack is g for g in group)]
-        with _cut(others, 2), _cut(group, 3):
-            steps.append((_one_step(task, model, make_batch, modules, batch_size, dtype, groups), depth - 2))
+    carried: dict[int, Any] = {}
+    gc.freeze()  # the model and the libraries: the collections between steps walk only what the steps made
+    try:
+        with _cut(everything, 2):
+            base = _one_step(task, model, make_batch, modules, batch_size, dtype, groups, carried)
+        steps = []
+        for group, depth in zip(groups, depths):
+            others = [stack for stack in everything if not any(stack is g for g in group)]
+            with _cut(others, 2), _cut(group, 3):
+                steps.append((_one_step(task, model, make_batch, modules, batch_size, dtype, groups, carried),
+                              depth - 2))
+    finally:
+        gc.unfreeze()
     return _combine(base, steps)

@@ -65,7 +65,10 @@ class AllocationCounter(TorchDispatchMode):
 
     def track(self, tensor: torch.Tensor, counted: bool = True) -> None:
         """Count ``tensor``'s storage if it is new (an op's output that is not a view of a known storage)."""
-        storage = tensor.untyped_storage()
+        self.track_storage(tensor.untyped_storage(), counted)
+
+    def track_storage(self, storage: torch.UntypedStorage, counted: bool = True) -> None:
+        """Count ``storage`` if it is new."""
         key = id(storage)
         entry = self._live.get(key)
         if entry is not None and entry[0]() is storage:
