@@ -125,6 +125,16 @@ def test_every_path_key_is_confined(service, key, value):
     assert len(service.get("/api/jobs", headers=AUTH).json()) == 1  # only the fixture's job
 
 
+@pytest.mark.parametrize("key", ["image_dir", "mask_dir", "metadata_path"])
+def test_paths_inside_a_list_of_subsets_are_confined(service, key):
+    """``datasets:`` is a list of sections: each subset's paths are checked, naming the subset by its index."""
+    subsets = [{"image_dir": "datasets/d"}, {"image_dir": "datasets/d", key: "/etc"}]
+    res = service.post("/api/jobs", json={"config": {"base_model": "models/m", "datasets": subsets}}, headers=AUTH)
+    assert res.status_code == 422, res.text
+    assert [e["loc"] for e in res.json()["detail"]] == [["body", "config", "datasets", "1", key]]
+    assert len(service.get("/api/jobs", headers=AUTH).json()) == 1  # only the fixture's job
+
+
 def test_metadata_of_host_files_never_reaches_the_trainer(service):
     """The reported leak: /etc as data and /proc/self/environ as captions."""
     res = service.post("/api/jobs", json={"config": {"base_model": "models/m", "train_data_dir": "/etc",

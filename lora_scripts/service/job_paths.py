@@ -83,11 +83,20 @@ def inside_roots(path: Path, roots: list[Path]) -> bool:
     return any(path == root or path.is_relative_to(root) for root in roots)
 
 
-def _lookup(data: dict[str, Any], key: tuple[str, ...]) -> tuple[dict[str, Any] | None, Any]:
-    node: Any = data
+def _locations(data: dict[str, Any], key: tuple[str, ...]) -> list[tuple[tuple[str, ...], dict[str, Any], Any]]:
+    """Every place ``key`` names in ``data``: (the key with list indices, the mapping holding it, its value). A list
+    of sections on the way (``datasets:``) is walked item by item, so each subset's paths are confined too."""
+    nodes: list[tuple[tuple[str, ...], Any]] = [((), data)]
     for part in key[:-1]:
-        node = node.get(part) if isinstance(node, dict) else None
-    return (node, node.get(key[-1])) if isinstance(node, dict) else (None, None)
+        step = []
+        for where, node in nodes:
+            child = node.get(part) if isinstance(node, dict) else None
+            if isinstance(child, list):
+                step += [((*where, part, str(i)), item) for i, item in enumerate(child)]
+            elif child is not None:
+                step.append(((*where, part), child))
+        nodes = step
+    return [((*where, key[-1]), node, node.get(key[-1])) for where, node in nodes if isinstance(node, dict)]
 
 
 def confine_paths(data: dict[str, Any], home: Path, job_dir: Path, read_roots: list[Path]) -> list[dict[str, Any]]:
@@ -116,29 +125,36 @@ def confine_paths(data: dict[str, Any], home: Path, job_dir: Path, read_roots: l
     for key, may_be_hub_id in path_keys().items():
         if key[-1] in SERVICE_OWNED + JOB_WRITABLE and len(key) == 1:
             continue
-        parent, value = _lookup(data, key)
-        if parent is None or value in (None, ""):
+        for where, parent, value in _locations(data, key):
+            if value not in (None, ""):
+                errors += _confine(where, parent, value, may_be_hub_id, home, roots, shown)
+    return errors
+
+
+def _confine(key: tuple[str, ...], parent: dict[str, Any], value: Any, may_be_hub_id: bool, home: Path,
+             roots: list[Path], shown: str) -> list[dict[str, Any]]:
+    """Resolve the path(s) of one key in place if each lies inside ``roots``; else one error naming the key."""
+    errors = []
+    values = value if isinstance(value, list) else [value]
+    resolved = []
+    for item in values:
+        if not isinstance(item, str):
+            errors.append(_error(key, "must be a path (text)"))
+            break
+        if too_long(item):
+            errors.append(_error(key, f"the path is too long (at most {PATH_MAX} characters, {NAME_MAX} per "
+                                 "folder or file name)"))
+            break
+        local = resolve_under(item, home)
+        if may_be_hub_id and HUB_ID.match(item) and not os.path.lexists(local):
+            resolved.append(item)  # a hub id: names no file of this server
             continue
-        values = value if isinstance(value, list) else [value]
-        resolved = []
-        for item in values:
-            if not isinstance(item, str):
-                errors.append(_error(key, "must be a path (text)"))
-                break
-            if too_long(item):
-                errors.append(_error(key, f"the path is too long (at most {PATH_MAX} characters, {NAME_MAX} per "
-                                     "folder or file name)"))
-                break
-            local = resolve_under(item, home)
-            if may_be_hub_id and HUB_ID.match(item) and not os.path.lexists(local):
-                resolved.append(item)  # a hub id: names no file of this server
-                continue
-            if not inside_roots(local, roots):
-                errors.append(_error(key, f"{item!r} is outside the folders a job may read ({shown}); put it in "
-                                     "the home's models or datasets folder, or start the server with "
-                                     "--model-root FOLDER"))
-                break
-            resolved.append(str(local))
-        else:
-            parent[key[-1]] = resolved if isinstance(value, list) else resolved[0]
+        if not inside_roots(local, roots):
+            errors.append(_error(key, f"{item!r} is outside the folders a job may read ({shown}); put it in "
+                                 "the home's models or datasets folder, or start the server with "
+                                 "--model-root FOLDER"))
+            break
+        resolved.append(str(local))
+    else:
+        parent[key[-1]] = resolved if isinstance(value, list) else resolved[0]
     return errors
