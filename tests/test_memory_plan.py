@@ -14,7 +14,7 @@ import lora_scripts.preflight as preflight
 from lora_scripts.cli import main
 from lora_scripts.config import build_config
 from lora_scripts.errors import ConfigError
-from lora_scripts.memory.probe import _cutting_pays, _stack_groups, find_stacks
+from lora_scripts.memory.probe import _cutting_pays, _stack_groups, find_stacks, frozen_stacks
 from lora_scripts.preflight import GiB, estimate_memory
 from lora_scripts.testing import make_captioned_images, make_instruction_data, make_tiny_causal_lm, tiny_image_config
 
@@ -35,6 +35,8 @@ def deep_flux(tmp_path_factory):
     path = folder / "transformer" / "config.json"
     config = json.loads(path.read_text())
     path.write_text(json.dumps({**config, "num_layers": 16, "num_single_layers": 20}))
+    t5 = folder / "text_encoder_2" / "config.json"  # a T5 deep enough to be cut (frozen: its last layer only)
+    t5.write_text(json.dumps({**json.loads(t5.read_text()), "num_layers": 8}))
     return folder, make_captioned_images(tmp_path_factory.mktemp("data") / "d", count=2)
 
 
@@ -81,10 +83,37 @@ def test_cut_and_scaled_probe_is_within_5_percent_of_the_full_step(deep_flux, de
         model = _probe_model(one)
         groups = _stack_groups(find_stacks(model))
         assert len(groups) == (2 if one.task == "image" else 1) and _cutting_pays(model, groups)
+        if one.task == "image":
+            from lora_scripts.tasks.base import make_task
+
+            task = make_task(one)
+            task.check_base_model()
+            modules, model, _ = task.memory_probe()
+            assert [len(stack) for stack in frozen_stacks(model, modules)] == [8]
         fast = planner.estimate({**planner.settings(), "batch_size": 3})
         full = estimate_memory(make(gradient_checkpointing=checkpointing, batch_size=3), gpu=True, full=True)
         assert step_bytes(fast) == pytest.approx(step_bytes(full), rel=0.05)
         assert fast.parts["LoRA weights"] == full.parts["LoRA weights"]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_an_sdxl_shaped_unet_is_cut_and_within_5_percent(tmp_path, checkpointing):
+    """SDXL's UNet: seven 10-deep attention stacks (here four 8-deep ones) among resnets and shallow stacks. They
+    are one group: all cut together to their last block, then to two, and the step extrapolated."""
+    from lora_scripts.testing import make_tiny_sdxl_model
+
+    folder = make_tiny_sdxl_model(tmp_path / "deep-sdxl")
+    path = folder / "unet" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "transformer_layers_per_block": [1, 8]}))
+    data = make_captioned_images(tmp_path / "d", count=2)
+    cfg = build_config({**tiny_image_config(folder, data, tmp_path / "o", mixed_precision="bf16"),
+                        "batch_size": 1, "gradient_checkpointing": checkpointing})
+    model = _probe_model(cfg)
+    groups = _stack_groups(find_stacks(model))
+    assert [(len(g), len(g[0])) for g in groups] == [(4, 8)] and _cutting_pays(model, groups)
+    fast = estimate_memory(cfg, gpu=True, choose=False)
+    full = estimate_memory(cfg, gpu=True, choose=False, full=True)
+    assert step_bytes(fast) == pytest.approx(step_bytes(full), rel=0.05)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -4,10 +4,12 @@ The step is the ground truth (the task's own loss, autocast, checkpointing, back
 dtypes, no storage) under :class:`~.tracker.AllocationCounter`. Its cost is per op, not per byte: a 1024 px step
 costs what a 64 px one does, so a smaller probe resolution saves nothing. What costs is the number of ops, and a
 DiT's ops are its blocks (FLUX.1: 57, Qwen-Image: 60). So every long stack of identical blocks (an ``nn.ModuleList``
-of at least :data:`MIN_STACK` same-class modules) is cut to its first ``k - 1`` blocks plus its last one (the last
-can differ: SD3's context-pre-only block), the step is measured at ``k = 2`` and with one stack at a time at
-``k = 3`` (when that runs fewer modules than one whole step: not for SDXL), and each phase's peak is extrapolated linearly in each stack's depth: activations grow by one block's
-worth per block, checkpointed or not. What the model caches between steps (Qwen-Image's per-shape RoPE
+of at least :data:`MIN_STACK` same-class modules) of the trained model is cut to its last block (it can differ:
+SD3's context-pre-only block), the step is measured so, then once per group of stacks with one block more (the
+first), and each phase's peak is extrapolated linearly in each stack's depth when these steps run fewer modules
+than one whole step (SDXL's seven 10-deep attention stacks are one group: two steps of about a third of its ops).
+The frozen text encoders' stacks run their last layer only, unextrapolated (:func:`frozen_stacks`). Activations
+grow by one block's worth per block, checkpointed or not. What the model caches between steps (Qwen-Image's per-shape RoPE
 frequencies) only the first step creates: every later one counts it from the forward's start
 (:meth:`_PhaseCounter.carry_in`), else the difference passes for the blocks'. Peaks are kept per phase (encoding before the denoiser, forward, backward) and
 per stack last entered, so a VAE-encoding peak, which depth does not move, is not stretched with the blocks, and the
@@ -30,6 +32,7 @@ import torch
 from .tracker import AllocationCounter
 
 MIN_STACK = 6  # shorter lists (UNet resnets, Z-Image's two refiners) run whole
+BASE_KEEP = 1  # blocks of each stack in the base step (the last one); the increment steps run one more
 PHASES = ("prepare", "forward", "backward")
 
 
@@ -164,15 +167,26 @@ def _marking_checkpoints(counter: _PhaseCounter) -> Iterator[None]:
         ckpt._checkpoint_without_reentrant_generator = original
 
 
-def find_stacks(model: torch.nn.Module) -> list[torch.nn.ModuleList]:
-    """The long stacks of same-class blocks in ``model`` (DiT blocks, SDXL's 10-deep attention, LLM layers)."""
-    stacks = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) >= MIN_STACK:
-            classes = {type(child) for child in module}
-            if len(classes) == 1:
-                stacks.append(module)
+def find_stacks(*roots: torch.nn.Module) -> list[torch.nn.ModuleList]:
+    """The long stacks of same-class blocks under ``roots`` (DiT blocks, SDXL's 10-deep attention, LLM layers, the
+    T5 and Qwen text encoders' layers)."""
+    stacks, seen = [], set()
+    for root in roots:
+        for module in root.modules():
+            if isinstance(module, torch.nn.ModuleList) and len(module) >= MIN_STACK and id(module) not in seen:
+                seen.add(id(module))
+                if len({type(child) for child in module}) == 1:
+                    stacks.append(module)
     return stacks
+
+
+def frozen_stacks(model: torch.nn.Module, modules: list[torch.nn.Module]) -> list[torch.nn.ModuleList]:
+    """The stacks of the frozen components outside ``model`` (the T5, CLIP and Qwen text encoders' layers). They run
+    under ``no_grad``: their peak is one layer's work whatever their depth, so every probe step runs only their last
+    layer and nothing is extrapolated (the hidden states an encoder may keep, one per layer, are kilobytes to a few
+    MB: 24 × 4 MB for T5-XXL's 512 tokens, beside a denoiser step's GiBs)."""
+    inside = {id(m) for m in model.modules()}
+    return find_stacks(*(m for m in modules if id(m) not in inside))
 
 
 def _stack_groups(stacks: list[torch.nn.ModuleList]) -> list[list[torch.nn.ModuleList]]:
@@ -185,7 +199,7 @@ def _stack_groups(stacks: list[torch.nn.ModuleList]) -> list[list[torch.nn.Modul
 
 @contextlib.contextmanager
 def _cut(stacks: list[torch.nn.ModuleList], keep: int) -> Iterator[None]:
-    """Temporarily keep ``keep - 1`` first blocks and the last block of each stack."""
+    """Temporarily keep the ``keep - 1`` first blocks and the last block of each stack."""
     saved = [stack._modules for stack in stacks]
     try:
         for stack in stacks:
@@ -199,16 +213,17 @@ def _cut(stacks: list[torch.nn.ModuleList], keep: int) -> Iterator[None]:
 
 
 def _cutting_pays(model: torch.nn.Module, groups: list[list[torch.nn.ModuleList]]) -> bool:
-    """Whether 1 + len(groups) cut steps run fewer modules than one whole step (a DiT: a tenth; SDXL, whose
-    10-deep attention stacks are a minority of its modules: no)."""
+    """Whether the 1 + len(groups) cut steps together run fewer modules than one whole step, by a margin (a DiT: a
+    tenth; SDXL, whose seven 10-deep attention stacks hold about 80% of its ops: about half)."""
     def count(module: torch.nn.Module) -> int:
         return sum(1 for _ in module.modules())
 
     total = count(model)
     stacked = [sum(count(stack) for stack in group) for group in groups]
     depths = [len(group[0]) for group in groups]
-    cut = total - sum(stacked) + sum(n * 3 // d for n, d in zip(stacked, depths))
-    return (1 + len(groups)) * cut < 0.7 * total
+    base = total - sum(stacked) + sum(n * BASE_KEEP / d for n, d in zip(stacked, depths))
+    steps = base + sum(base + n / d for n, d in zip(stacked, depths))  # each group's step: one more block
+    return steps < 0.85 * total
 
 
 def _one_step(task: Any, model: torch.nn.Module, make_batch: Any, modules: list[torch.nn.Module],
@@ -258,7 +273,8 @@ def _one_step(task: Any, model: torch.nn.Module, make_batch: Any, modules: list[
 
 
 def _combine(base: StepPeaks, steps: list[tuple[StepPeaks, int]]) -> StepPeaks:
-    """Extrapolate: ``base`` at k = 2 plus, per stack group, (its depth - 2) times its one-block increment, for the
+    """Extrapolate: ``base`` (one block per stack) plus, per stack group, (its depth - 1) times its one-block
+    increment, for the
     peaks among the blocks; the peaks before them (encoding, the forward up to the first block) are the base's."""
     def extend(get: Any, stacked: bool = True) -> Any:
         value = get(base)
@@ -282,24 +298,27 @@ def _combine(base: StepPeaks, steps: list[tuple[StepPeaks, int]]) -> StepPeaks:
 def measure_peaks(task: Any, model: torch.nn.Module, make_batch: Any, modules: list[torch.nn.Module],
                   batch_size: int, dtype: torch.dtype, full: bool = False) -> StepPeaks:
     """The step's peaks at ``batch_size`` (modules already fake). ``full``: run every block (the slow reference)."""
-    groups = [] if full else _stack_groups(find_stacks(model))
+    if full:
+        return _one_step(task, model, make_batch, modules, batch_size, dtype)
+    groups = _stack_groups(find_stacks(model))
     if groups and not _cutting_pays(model, groups):
         groups = []
-    if not groups:
-        return _one_step(task, model, make_batch, modules, batch_size, dtype)
-    everything = [stack for group in groups for stack in group]
-    depths = [len(group[0]) for group in groups]  # before any cut
-    carried: dict[int, Any] = {}
-    gc.freeze()  # the model and the libraries: the collections between steps walk only what the steps made
-    try:
-        with _cut(everything, 2):
-            base = _one_step(task, model, make_batch, modules, batch_size, dtype, groups, carried)
-        steps = []
-        for group, depth in zip(groups, depths):
-            others = [stack for stack in everything if not any(stack is g for g in group)]
-            with _cut(others, 2), _cut(group, 3):
-                steps.append((_one_step(task, model, make_batch, modules, batch_size, dtype, groups, carried),
-                              depth - 2))
-    finally:
-        gc.unfreeze()
+    with _cut(frozen_stacks(model, modules), BASE_KEEP):
+        if not groups:
+            return _one_step(task, model, make_batch, modules, batch_size, dtype)
+        everything = [stack for group in groups for stack in group]
+        depths = [len(group[0]) for group in groups]  # before any cut
+        carried: dict[int, Any] = {}
+        gc.freeze()  # the model and the libraries: the collections between steps walk only what the steps made
+        try:
+            with _cut(everything, BASE_KEEP):
+                base = _one_step(task, model, make_batch, modules, batch_size, dtype, groups, carried)
+            steps = []
+            for group, depth in zip(groups, depths):
+                others = [stack for stack in everything if not any(stack is g for g in group)]
+                with _cut(others, BASE_KEEP), _cut(group, BASE_KEEP + 1):
+                    steps.append((_one_step(task, model, make_batch, modules, batch_size, dtype, groups, carried),
+                                  depth - BASE_KEEP))
+        finally:
+            gc.unfreeze()
     return _combine(base, steps)

@@ -376,8 +376,9 @@ class ImageTask(Task):
         family = self.family
         components = family.meta_components(cfg.base_model)
         for module in (components.denoiser, components.vae, *components.text_encoders):
-            module.requires_grad_(False)
+            module.requires_grad_(False).eval()  # as load_model leaves them (no T5 dropout masks)
         network = self._attach_lora(components)
+        network.train()  # as the loop sets it
         if cfg.network_type != "lora":
             # peft's LoHa/LoKr draw `torch.rand(1) > module_dropout` in training mode, which fake tensors cannot
             # answer; with module_dropout 0 (ours) eval mode computes the same step
