@@ -66,6 +66,46 @@ def test_packed_batch_gives_each_sample_its_own_loss_and_gradient(flatten):
     assert abs(leaky.item() - alone_loss) > 1e-2
 
 
+def test_sample_boundaries_are_read_once_per_forward(monkeypatch):
+    """Reading the boundaries is a host sync (nonzero + tolist): once per forward, not once per layer; a new
+    position-id tensor is read anew."""
+    from lora_scripts.tasks import packed_attention
+
+    calls = []
+    original = packed_attention.segment_lengths
+    monkeypatch.setattr(packed_attention, "segment_lengths", lambda ids: calls.append(1) or original(ids))
+    model = _llama(VARLEN_SDPA)  # two layers
+    batch = td.collate_flat(td.pack(_random_samples([5, 7, 4]), max_seq_length=16), pad_id=0)
+    model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    assert len(calls) == 1
+    model(input_ids=batch["input_ids"], position_ids=batch["position_ids"].clone(), use_cache=False)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", VARLEN_SDPA])
+def test_a_model_that_ignores_position_ids_is_found_to_leak(attn):
+    """transformers' models keep packed samples apart on every attention implementation; one whose own forward
+    drops the position ids (as remote code with its own attention does) lets them attend to each other."""
+    from lora_scripts.tasks.packed_attention import leaks_across_samples
+
+    model = _llama(attn)
+
+    class DropsPositions(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def get_input_embeddings(self):
+            return model.get_input_embeddings()
+
+        def forward(self, input_ids, position_ids=None, **kwargs):
+            return self.inner(input_ids=input_ids, **kwargs)
+
+    assert not leaks_across_samples(model, torch.device("cpu"))
+    assert model.training  # its mode is restored
+    assert leaks_across_samples(DropsPositions(), torch.device("cpu"))
+
+
 def test_no_block_mask_is_built_for_packed_rows():
     """transformers' SDPA path turns restarting position ids into a [B, 1, L, L] mask; ours into none."""
     from transformers.masking_utils import create_causal_mask

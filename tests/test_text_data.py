@@ -347,31 +347,7 @@ def test_pack_rows_fit_restart_positions_and_keep_labels_aligned():
         td.pack(_samples([11]), 10)
 
 
-def test_block_diagonal_mask_forbids_cross_sample_attention():
-    mask = td.packed_attention_mask([3, 2], total_len=6)
-    assert mask.shape == (1, 1, 6, 6) and mask.dtype == torch.float32
-    allowed = (mask[0, 0] == 0).int().tolist()
-    assert allowed == [[1, 0, 0, 0, 0, 0],
-                       [1, 1, 0, 0, 0, 0],
-                       [1, 1, 1, 0, 0, 0],
-                       [0, 0, 0, 1, 0, 0],
-                       [0, 0, 0, 1, 1, 0],
-                       [0, 0, 0, 0, 0, 1]]  # last position is padding: attends only to itself
-    assert mask[0, 0, 3, 0] == torch.finfo(torch.float32).min
-    assert td.packed_attention_mask([2], 2, torch.bfloat16).dtype == torch.bfloat16
-
-
-def test_collate_packed_and_padded():
-    rows = td.pack(_samples([4, 3, 2]), max_seq_length=5)
-    batch = td.collate_packed(rows, pad_id=0)
-    length = max(len(r.input_ids) for r in rows)
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (len(rows), length)
-    assert batch["attention_mask"].shape == (len(rows), 1, length, length)
-    short = min(range(len(rows)), key=lambda i: len(rows[i].input_ids))
-    pad = length - len(rows[short].input_ids)
-    assert pad > 0 and (batch["labels"][short, -pad:] == td.IGNORE_INDEX).all()
-    assert (batch["input_ids"][short, -pad:] == 0).all()
-
+def test_collate_padded():
     padded = td.collate_padded(_samples([4, 2]), pad_id=0)
     assert padded["input_ids"].tolist() == [[10, 10, 10, 10], [11, 11, 0, 0]]
     assert padded["labels"].tolist() == [[-100, -100, 10, 10], [-100, 11, -100, -100]]
@@ -404,53 +380,6 @@ def _per_sample_losses(logits: torch.Tensor, labels: torch.Tensor, seq_lens: lis
         out.append(token_loss[start:start + n].sum().item())
         start += n
     return out
-
-
-def test_packed_loss_equals_per_sample_loss(tok):
-    """Each sample inside a packed row has the same loss as when run alone (tiny LLaMA, eager attention).
-
-    What transformers 5.23 does (masking_utils): a 4-D attention_mask is returned unchanged
-    (_preprocess_mask_arguments) and eager attention *adds* it to the scores, so it must be additive float
-    (0 / dtype-min) in the model dtype, [B, 1, L, L]; a bool 4-D mask is silently wrong under eager (added as 0/1;
-    sdpa would accept it). Without a mask, packing is also detected from position_ids restarting at 0
-    (find_packed_sequence_indices, any backend, CPU included), but only when no cache exists: the default
-    use_cache=True creates one even in train mode and the samples leak into each other. Hence the explicit mask.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM._from_config(config, attn_implementation="eager").eval()
-    assert model.config._attn_implementation == "eager"
-    convs = [CONV, CONV[1:3], [{"role": "text", "content": "hello there, how are you today?"}], CONV[3:5]]
-    samples = [td.render_conversation(c, tok, "chatml", False, 128) for c in convs]
-    rows = td.pack(samples, max_seq_length=128)
-    assert len(rows) == 1 and len(rows[0].seq_lens) == 4
-    batch = td.collate_packed(rows + [td.PackedRow([5], [td.IGNORE_INDEX], [0], [1])], pad_id=tok.pad_token_id)
-    ids, pos, labels, lens = batch["input_ids"][:1], batch["position_ids"][:1], batch["labels"][:1], rows[0].seq_lens
-    order, start = [], 0  # the samples in packed order
-    for n in lens:
-        order.append(next(s for s in samples if s.input_ids == rows[0].input_ids[start:start + n]))
-        start += n
-    with torch.no_grad():
-        alone = [_per_sample_losses(model(input_ids=torch.tensor([s.input_ids])).logits,
-                                    torch.tensor([s.labels]), [len(s)])[0] for s in order]
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       attention_mask=batch["attention_mask"], labels=batch["labels"])
-        by_positions = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-        leaky = {name: model(input_ids=ids, position_ids=pos, attention_mask=mask).logits for name, mask in
-                 (("2-D mask", torch.ones_like(ids)), ("bool 4-D mask", batch["attention_mask"][:1] == 0),
-                  ("positions + default cache", None))}
-    assert all(a > 1 for a in alone) and torch.isfinite(packed.logits).all()  # the all-padding row is finite too
-    assert _per_sample_losses(packed.logits[:1], labels, lens) == pytest.approx(alone, abs=1e-5)
-    assert _per_sample_losses(by_positions, labels, lens) == pytest.approx(alone, abs=1e-5)
-    for name, logits in leaky.items():  # controls: samples see each other, so later losses change
-        leaked = _per_sample_losses(logits, labels, lens)
-        assert max(abs(x - y) for x, y in zip(leaked[1:], alone[1:])) > 1e-3, name
-    # the model's own loss is the mean over the trained tokens of all samples
-    assert packed.loss.item() == pytest.approx(sum(alone) / sum((labels[0, 1:] != td.IGNORE_INDEX).tolist()), abs=1e-5)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen"])

@@ -252,3 +252,31 @@ def test_a_model_with_its_own_code_needs_trust_remote_code(text_cfg, tiny_lms, t
         assert code == 2 and err.startswith("error: base_model: ") and "\n" not in err, err
         assert "set trust_remote_code: true if you trust that code" in err, err
     assert not ran.exists()
+
+
+def test_packing_is_refused_for_a_model_whose_attention_ignores_sample_boundaries(text_cfg, tiny_lms, tmp_path,
+                                                                                   capsys):
+    """Remote code with its own attention (ChatGLM3's) does not read packed samples from position ids: packed rows
+    would train every sample on its neighbours. Measured at load, refused in one line; packing: false trains."""
+    import shutil
+
+    folder = shutil.copytree(tiny_lms["llama"], tmp_path / "remote-lm")
+    (folder / "configuration_remote.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass RemoteConfig(LlamaConfig):\n    model_type = 'remote-llama'\n")
+    (folder / "modeling_remote.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_remote import RemoteConfig\n\n\n"
+        "class RemoteForCausalLM(LlamaForCausalLM):\n    config_class = RemoteConfig\n\n"
+        "    def forward(self, *args, position_ids=None, **kwargs):  # positions from the ids alone\n"
+        "        return super().forward(*args, **kwargs)\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="remote-llama", architectures=["RemoteForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_remote.RemoteConfig",
+                            "AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    cfg = text_cfg(base_model=str(folder), trust_remote_code=True, packing=True, max_train_steps=2).to_yaml_dict()
+    code = main(["train", "--config", str(write_yaml(tmp_path / "packed.yaml", cfg)), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: packing: RemoteForCausalLM lets packed samples attend") \
+        and "\n" not in err, err
+    cfg.update(packing=False, output_dir=str(tmp_path / "unpacked"))
+    assert main(["train", "--config", str(write_yaml(tmp_path / "unpacked.yaml", cfg)), "--no-progress"]) == 0

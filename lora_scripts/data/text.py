@@ -325,35 +325,8 @@ def pack(samples: list[Tokenized], max_seq_length: int) -> list[PackedRow]:
     return rows
 
 
-def packed_attention_mask(seq_lens: list[int], total_len: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Block-diagonal causal mask ``[1, 1, L, L]``, additive: 0 where attention is allowed, dtype-min elsewhere.
-
-    transformers 5.23 (masking_utils._preprocess_mask_arguments) passes a 4-D mask through unchanged and eager
-    attention *adds* it to the scores, so it must be additive float in the model's dtype (a bool mask would be
-    added as 0/1); sdpa takes the same float mask. Positions past ``sum(seq_lens)`` (padding) see only themselves.
-    """
-    dtype = dtype or torch.float32
-    if (used := sum(seq_lens)) > total_len:
-        raise ValueError(f"seq_lens sum to {used}, more than total_len {total_len}")
-    samples = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(seq_lens, dtype=torch.long))
-    seq_ids = torch.cat([samples, len(seq_lens) + torch.arange(total_len - used)])  # each pad: its own sequence
-    pos = torch.arange(total_len)
-    allowed = (seq_ids[:, None] == seq_ids[None, :]) & (pos[None, :] <= pos[:, None])
-    return torch.zeros(total_len, total_len, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
-
-
 def _pad(rows: list[list[int]], value: int, length: int) -> torch.Tensor:
     return torch.tensor([row + [value] * (length - len(row)) for row in rows], dtype=torch.long)
-
-
-def collate_packed(rows: list[PackedRow], pad_id: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad packed rows (pads: label -100, position 0); ``attention_mask`` is 4-D ``[B, 1, L, L]`` in ``dtype``
-    (pass the model's compute dtype)."""
-    length = max(len(r.input_ids) for r in rows)
-    return {"input_ids": _pad([r.input_ids for r in rows], pad_id, length),
-            "labels": _pad([r.labels for r in rows], IGNORE_INDEX, length),
-            "position_ids": _pad([r.position_ids for r in rows], 0, length),
-            "attention_mask": torch.cat([packed_attention_mask(r.seq_lens, length, dtype) for r in rows])}
 
 
 def collate_flat(rows: list[PackedRow], pad_id: int, flatten: bool = False) -> dict[str, torch.Tensor]:

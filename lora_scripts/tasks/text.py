@@ -241,6 +241,11 @@ class TextTask(Task):
                     model.set_attn_implementation(attention := register())
                 # both read samples from position ids in one padding-free row (a remote-code model keeps its own)
                 self.flatten_packed = model.config._attn_implementation == attention
+            from .packed_attention import leaks_across_samples
+
+            if leaks_across_samples(model, device):
+                raise ConfigError(f"packing: {type(model).__name__} lets packed samples attend to each other (its "
+                                  f"attention ignores the position ids that mark them); set packing: false")
         if nf4:
             from peft import prepare_model_for_kbit_training
 
