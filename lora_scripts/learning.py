@@ -79,6 +79,39 @@ def style_distance(images: Sequence[Any]) -> float:
     return float(np.linalg.norm(arr - np.asarray(STYLE_RGB, dtype=np.float32), axis=-1).mean())
 
 
+def drawn_shape(image: Any) -> str | None:
+    """Which of :data:`SHAPES` ``image`` (PIL) shows: the pixels far from its border's colour, against a circle, a
+    square and a triangle inscribed in their bounding box, the best overlap (IoU) wins; None when nothing stands
+    out of the background."""
+    from PIL import Image, ImageDraw
+
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    border = np.median(np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]]), axis=0)
+    mask = np.linalg.norm(arr - border, axis=-1) > 80
+    if mask.sum() < 10:
+        return None
+    ys, xs = np.nonzero(mask)
+    x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+    overlap = {}
+    for shape in SHAPES:
+        ideal = Image.new("L", image.size, 0)
+        draw = ImageDraw.Draw(ideal)
+        if shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=1)
+        elif shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=1)
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=1)
+        ideal_mask = np.asarray(ideal, dtype=bool)
+        overlap[shape] = (ideal_mask & mask).sum() / (ideal_mask | mask).sum()
+    return max(overlap, key=overlap.get)
+
+
+def shape_accuracy(images: Sequence[Any], asked: Sequence[str]) -> float:
+    """Share of ``images`` that show the shape their prompt asked for (:func:`drawn_shape`)."""
+    return float(np.mean([drawn_shape(image) == shape for image, shape in zip(images, asked)]))
+
+
 def render_sd(base_model: Path, prompts: Sequence[str], lora_file: Path | None = None, seeds: Sequence[int] = (0,),
               steps: int = 15, guidance_scale: float = 4.0, size: int = 32) -> list[Any]:
     """Render every prompt x seed with ``StableDiffusionPipeline`` (DDIM), with the LoRA file loaded when given,
