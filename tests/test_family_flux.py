@@ -167,6 +167,37 @@ def test_single_file_in_the_original_layout_loads_the_same_weights(tiny_flux, tm
         assert all(torch.equal(loaded[k], reference[k]) for k in reference)
 
 
+def test_weights_load_in_the_run_dtype_equal_to_casting_after_an_fp32_load(tiny_flux, tmp_path):
+    """On a GPU run in bf16 the components are read as bf16 (2 bytes a parameter on the CPU while loading, not 4):
+    a diffusers folder, a single file with its components given as files, and each gives exactly the weights an
+    fp32 load cast to bf16 gives."""
+    from lora_scripts.tasks.image.families.flux import Flux
+
+    single = write_single_file(tiny_flux, tmp_path / "flux1-dev.safetensors")
+    sources = {
+        "folder": {"base_model": tiny_flux},
+        "files": {"base_model": single, "vae_path": str(tiny_flux / "vae"),
+                  "text_encoder_path": str(tiny_flux / "text_encoder" / "model.safetensors"),
+                  "text_encoder_2_path": str(tiny_flux / "text_encoder_2"),
+                  "base_model_config": str(write_components_only(tiny_flux, tmp_path / "cfgs"))},
+    }
+    for name, source in sources.items():
+        cfg = build_config({**flux_config(source.pop("base_model"), tmp_path, tmp_path / "o"), **source})
+        loaded = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            family = Flux(cfg)
+            family.load_dtype = dtype
+            parts = family.load(str(cfg.base_model))
+            loaded[dtype] = {f"{i}.{k}": v for i, m in enumerate((parts.denoiser, parts.vae, *parts.text_encoders))
+                             for k, v in m.state_dict().items() if v.is_floating_point()}
+        half, full = loaded[torch.bfloat16], loaded[torch.float32]
+        assert half.keys() == full.keys() and all(v.dtype == torch.float32 for v in full.values()), name
+        # T5 keeps its feed-forward output layers (wo) in fp32 when loaded in half precision (transformers'
+        # _keep_in_fp32_modules); the task casts them with the rest when it moves the encoder to the GPU
+        assert all(v.dtype == torch.bfloat16 or ".wo." in k for k, v in half.items()), name
+        assert all(torch.equal(half[k].float(), full[k].to(half[k].dtype).float()) for k in full), name
+
+
 def test_original_layout_table_matches_diffusers_converter_at_full_size():
     """Our table vs diffusers' own FLUX.1 converter on the real 12 B shapes (meta tensors: no memory)."""
     from diffusers import FluxTransformer2DModel

@@ -228,9 +228,9 @@ class ImageTask(Task):
         )
 
     # --- model ---------------------------------------------------------------------------------------------------
-    def _load_components(self) -> Components:
-        """Every component of the base model, weights loaded on the CPU; the family is read from the weights of a
-        hub id of a UNet model."""
+    def _load_components(self, dtype: torch.dtype = torch.float32) -> Components:
+        """Every component of the base model, weights loaded on the CPU in ``dtype``; the family is read from the
+        weights of a hub id of a UNet model."""
         cfg = self.cfg
         if self.family is None:  # a hub id without model_family: SD 1.x/2.x/SDXL, told apart by the UNet config
             from diffusers import UNet2DConditionModel
@@ -244,6 +244,7 @@ class ImageTask(Task):
             from .families import UNET_FAMILIES
 
             self._set_family(next(c for c in UNET_FAMILIES if c.matches_unet_config(unet_config))(cfg))
+        self.family.load_dtype = dtype
         return self.family.load(cfg.base_model)
 
     def _attach_lora(self, components: Components) -> LoRANetwork:
@@ -259,7 +260,7 @@ class ImageTask(Task):
         return LoRANetwork(denoiser, trained, family, list(components.text_encoders))
 
     def load_model(self, device: torch.device, weight_dtype: torch.dtype) -> torch.nn.Module:
-        components = self._load_components()
+        components = self._load_components(weight_dtype)
         family = self.family
         kind = self.cfg.base_quantization
         quantized = {id(m) for m in quantized_modules(components)} if kind != "none" else set()

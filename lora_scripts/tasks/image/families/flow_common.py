@@ -32,7 +32,7 @@ class FlowLoRAMixin:
 
         state = strip_prefix(load_file(str(path)))
         return self._denoiser_cls().from_single_file(state, config=str(self.config_folder()), subfolder="transformer",
-                                                     local_files_only=True, torch_dtype=torch.float32)
+                                                     local_files_only=True, torch_dtype=self.load_dtype)
 
     # --- export --------------------------------------------------------------------------------------------------
     def kohya_tensors(self, parts: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float,

@@ -282,7 +282,7 @@ class Flux(TransformerFamily):
         missing = sorted(set(shapes) - set(state))
         if missing:
             raise ConfigError(f"base_model: '{path}' gives no {missing[0]}; the config does not match the file")
-        model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+        model.load_state_dict({k: v.to(self.load_dtype) for k, v in state.items()}, assign=True)
         return model
 
     # --- prompts -------------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ class UNetFamily(Family):
         if _is_single_file(base_model):
             from ....models.single_file import load_single_file
 
-            parts = load_single_file(base_model, self.cfg.base_model_config)
+            parts = load_single_file(base_model, self.cfg.base_model_config, torch_dtype=self.load_dtype)
             names = [name for name, _ in self._encoder_classes()]
             return Components(denoiser=parts["unet"], vae=parts["vae"],
                               scheduler=DDPMScheduler.from_config(parts["scheduler"].config),
@@ -66,10 +66,10 @@ class UNetFamily(Family):
         try:
             encoders = self._encoder_classes()
             return Components(
-                denoiser=UNet2DConditionModel.from_pretrained(base_model, subfolder="unet"),
-                vae=AutoencoderKL.from_pretrained(base_model, subfolder="vae"),
+                denoiser=UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", torch_dtype=self.load_dtype),
+                vae=AutoencoderKL.from_pretrained(base_model, subfolder="vae", torch_dtype=self.load_dtype),
                 scheduler=DDPMScheduler.from_pretrained(base_model, subfolder="scheduler"),
-                text_encoders=[cls.from_pretrained(base_model, subfolder=name) for name, cls in encoders],
+                text_encoders=[cls.from_pretrained(base_model, subfolder=name, dtype=self.load_dtype) for name, cls in encoders],
                 tokenizers=[CLIPTokenizer.from_pretrained(base_model, subfolder=name.replace("text_encoder", "tokenizer"))
                             for name, _ in encoders],
             )

@@ -127,11 +127,17 @@ class TransformerFamily(Family):
         try:
             if families.is_single_file(base_model):
                 return self._load_single_file(Path(base_model).expanduser())
-            loaded = {name: _cls(lib, cls).from_pretrained(base_model, subfolder=name)
+            loaded = {name: _cls(lib, cls).from_pretrained(base_model, subfolder=name, **self._weights_kwargs(name, lib))
                       for name, (lib, cls) in self.components.items()}
-            return self._assemble(loaded, self._denoiser_cls().from_pretrained(base_model, subfolder="transformer"))
+            denoiser = self._denoiser_cls().from_pretrained(base_model, subfolder="transformer",
+                                                            torch_dtype=self.load_dtype)
+            return self._assemble(loaded, denoiser)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ConfigError(f"base_model: could not load '{base_model}': {first_line(exc)}") from None
+
+    def _weights_kwargs(self, name: str, lib: str) -> dict[str, Any]:
+        """The dtype keyword for a component with weights (the VAE, the text encoders), none for the rest."""
+        return self.dtype_kwargs(lib) if name.startswith(("vae", "text_encoder")) else {}
 
     def _load_single_file(self, path: Path) -> Components:
         denoiser = self.load_single_file_denoiser(path)
@@ -148,17 +154,20 @@ class TransformerFamily(Family):
     def load_single_file_denoiser(self, path: Path) -> torch.nn.Module:
         """The transformer from a single file in the family's original layout (diffusers' converter)."""
         return self._denoiser_cls().from_single_file(str(path), config=str(self.config_folder()),
-                                                     subfolder="transformer", local_files_only=True)
+                                                     subfolder="transformer", local_files_only=True,
+                                                     torch_dtype=self.load_dtype)
 
     def _load_component(self, name: str, lib: str, cls: str) -> torch.nn.Module:
         kind, path, subfolder = self.component_source(name)
         model_cls = _cls(lib, cls)
+        dtype = self.dtype_kwargs(lib)
         if kind == "folder":
-            return model_cls.from_pretrained(path, subfolder=subfolder) if subfolder else model_cls.from_pretrained(path)
+            return model_cls.from_pretrained(path, subfolder=subfolder, **dtype) if subfolder \
+                else model_cls.from_pretrained(path, **dtype)
         if lib == "diffusers":  # a VAE file: diffusers converts the original layout
             return model_cls.from_single_file(str(path), config=str(self.config_folder()), subfolder=name,
-                                              local_files_only=True)
-        return load_encoder_file(model_cls, Path(path), self.config_folder() / name)
+                                              local_files_only=True, **dtype)
+        return load_encoder_file(model_cls, Path(path), self.config_folder() / name, self.load_dtype)
 
     def _assemble(self, loaded: dict[str, Any], denoiser: torch.nn.Module) -> Components:
         return Components(
@@ -278,7 +287,8 @@ def _build(spec: tuple[str, str], config: Any) -> torch.nn.Module:
     return model_cls(config)
 
 
-def load_encoder_file(model_cls: Any, path: Path, config_dir: Path) -> torch.nn.Module:
+def load_encoder_file(model_cls: Any, path: Path, config_dir: Path, dtype: torch.dtype = torch.float32
+                      ) -> torch.nn.Module:
     """A text encoder from one ``.safetensors`` (ComfyUI's ``clip_l.safetensors``, ``t5xxl_fp16.safetensors``…):
     built from ``config_dir``'s config, the file's tensors loaded by name (a ``text_model.`` level, as older CLIP
     files have or lack it, is matched either way); missing or unexpected tensors are a one-line error."""
@@ -305,8 +315,9 @@ def load_encoder_file(model_cls: Any, path: Path, config_dir: Path) -> torch.nn.
     if missing:
         raise ConfigError(f"'{path}': not a {config.model_type} text encoder of this size ({len(missing)} tensors "
                           f"missing, e.g. {missing[0]}); point the path at the right encoder")
-    model.load_state_dict(renamed, strict=False, assign=True)
-    return model.float()
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in renamed.items()},
+                          strict=False, assign=True)
+    return model.to(dtype)
 
 
 def _check_vae_channels(key: str, path: Path, kind: str, channels: int, title: str) -> None:
