@@ -2,6 +2,7 @@
 
     python tools/pretrain_demo_bases.py            # both, about 15 minutes of one CPU core
     python tools/pretrain_demo_bases.py --only lm  # just the causal LM
+    python tools/pretrain_demo_bases.py --only sd --keep-vae  # the SD base's UNet and text encoder on the committed VAE
 
 Bit for bit the committed files on the same torch build and CPU kind (single-threaded, fixed seeds); see
 :mod:`lora_scripts.pretrain`.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import shutil
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -34,7 +36,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("sd", "lm"))
     parser.add_argument("--output", type=Path, help="write here instead of lora_scripts/demo_assets")
+    parser.add_argument("--keep-vae", action="store_true",
+                        help="sd: train the UNet and text encoder on the committed VAE instead of training a new one "
+                             "(float kernels differ between CPU kinds; the committed VAE comes from an earlier build machine)")
     args = parser.parse_args()
+    committed_vae = None
+    if args.keep_vae:  # copied away first: the target folder is replaced below
+        committed_vae = Path(tempfile.mkdtemp())
+        shutil.copytree(SD_BASE / "vae", committed_vae / "vae")
     for name, target, build in (("sd", SD_BASE, pretrain_sd), ("lm", LM_BASE, pretrain_lm)):
         if args.only not in (None, name):
             continue
@@ -43,7 +52,10 @@ def main() -> int:
             shutil.rmtree(folder)
         t0 = time.time()
         print(f"pretraining {folder} ...", flush=True)
-        build(folder, log_every=100)
+        if name == "sd":
+            build(folder, log_every=100, vae_from=committed_vae)
+        else:
+            build(folder, log_every=100)
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         print(f"  {folder}: {size / 1e6:.2f} MB in {time.time() - t0:.0f} s, sha256 {digest(folder)}", flush=True)
     return 0
