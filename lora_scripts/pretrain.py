@@ -99,10 +99,10 @@ def pretrain_sd(folder: Path, schedule: Schedule = FULL, seed: int = 0, log_ever
     """Write the tiny SD model, train its VAE (:func:`pretrain_vae`) or take the one in ``vae_from``, then train its
     UNet and text encoder together from their initial weights (:func:`pretrain_unet`).
 
-    The committed VAE was trained on an earlier build machine; rebuilt on an AMD EPYC (same code, run-to-run
-    identical there) every tensor of it comes out different (float kernels differ between CPU kinds), and the
-    demo's LoRA on that base moved 3% of the pixels to its style instead of 34%. ``vae_from`` rebuilds the rest
-    from the committed VAE."""
+    The committed VAE was trained on an earlier build machine and this code does not give it back on the current
+    one (every tensor differs; two runs here agree with each other; the cause is not known), and the demo's LoRA
+    on that rebuilt base moved 3% of the pixels to its style instead of 34%. From the committed VAE
+    (``vae_from``), the UNet and text encoder come out bit for bit the committed ones (checked on an AMD EPYC)."""
     import shutil
 
     from .testing import make_tiny_sd_model

@@ -1,6 +1,6 @@
 """Rebuild the small pretrained demo bases in ``lora_scripts/demo_assets`` (deterministic, offline, CPU).
 
-    python tools/pretrain_demo_bases.py            # both, about 15 minutes of one CPU core
+    python tools/pretrain_demo_bases.py            # both, about 25 minutes of one CPU core
     python tools/pretrain_demo_bases.py --only lm  # just the causal LM
     python tools/pretrain_demo_bases.py --only sd --keep-vae  # the SD base's UNet and text encoder on the committed VAE
 
@@ -38,7 +38,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, help="write here instead of lora_scripts/demo_assets")
     parser.add_argument("--keep-vae", action="store_true",
                         help="sd: train the UNet and text encoder on the committed VAE instead of training a new one "
-                             "(float kernels differ between CPU kinds; the committed VAE comes from an earlier build machine)")
+                             "(this code does not give back the committed VAE on every machine; from it, the rest is bit for bit)")
     args = parser.parse_args()
     committed_vae = None
     if args.keep_vae:  # copied away first: the target folder is replaced below
