@@ -254,20 +254,26 @@ def test_a_model_with_its_own_code_needs_trust_remote_code(text_cfg, tiny_lms, t
     assert not ran.exists()
 
 
+@pytest.mark.parametrize("forward, message", [
+    ("return super().forward(*args, **kwargs)  # positions from the ids alone", "lets packed samples attend"),
+    ("raise TypeError('position_ids are not an input of this model')", "could not check that RemoteForCausalLM"),
+], ids=["ignores-positions", "refuses-positions"])
 def test_packing_is_refused_for_a_model_whose_attention_ignores_sample_boundaries(text_cfg, tiny_lms, tmp_path,
-                                                                                   capsys):
+                                                                                   capsys, forward, message):
     """Remote code with its own attention (ChatGLM3's) does not read packed samples from position ids: packed rows
-    would train every sample on its neighbours. Measured at load, refused in one line; packing: false trains."""
+    would train every sample on its neighbours. Measured at load, refused in one line (also when the model cannot
+    take the measuring forward); packing: false trains."""
     import shutil
 
-    folder = shutil.copytree(tiny_lms["llama"], tmp_path / "remote-lm")
+    # a folder name of its own: transformers caches remote code modules by it
+    folder = shutil.copytree(tiny_lms["llama"], tmp_path / f"remote-{message.split()[0]}")
     (folder / "configuration_remote.py").write_text(
         "from transformers import LlamaConfig\n\n\nclass RemoteConfig(LlamaConfig):\n    model_type = 'remote-llama'\n")
     (folder / "modeling_remote.py").write_text(
         "from transformers import LlamaForCausalLM\n\nfrom .configuration_remote import RemoteConfig\n\n\n"
         "class RemoteForCausalLM(LlamaForCausalLM):\n    config_class = RemoteConfig\n\n"
-        "    def forward(self, *args, position_ids=None, **kwargs):  # positions from the ids alone\n"
-        "        return super().forward(*args, **kwargs)\n")
+        "    def forward(self, *args, position_ids=None, **kwargs):\n"
+        f"        if position_ids is None:\n            return super().forward(*args, **kwargs)\n        {forward}\n")
     config = json.loads((folder / "config.json").read_text())
     config.update(model_type="remote-llama", architectures=["RemoteForCausalLM"],
                   auto_map={"AutoConfig": "configuration_remote.RemoteConfig",
@@ -276,7 +282,6 @@ def test_packing_is_refused_for_a_model_whose_attention_ignores_sample_boundarie
     cfg = text_cfg(base_model=str(folder), trust_remote_code=True, packing=True, max_train_steps=2).to_yaml_dict()
     code = main(["train", "--config", str(write_yaml(tmp_path / "packed.yaml", cfg)), "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("error: packing: RemoteForCausalLM lets packed samples attend") \
-        and "\n" not in err, err
+    assert code == 2 and err.startswith("error: packing: ") and message in err and "\n" not in err, err
     cfg.update(packing=False, output_dir=str(tmp_path / "unpacked"))
     assert main(["train", "--config", str(write_yaml(tmp_path / "unpacked.yaml", cfg)), "--no-progress"]) == 0

@@ -35,6 +35,7 @@ from ..data.text import (
 from ..errors import ConfigError
 from ..offload import enable_offloaded_checkpointing
 from ..lora import make_lora_config
+from ..models.checkpoint_file import first_line
 from ..models.quantize import check_base_quantization, quantize_frozen, skip_quantized_in_ddp
 from .base import DataSummary, RunInfo, SampleKey, Task, require_hub_id
 
@@ -243,7 +244,12 @@ class TextTask(Task):
                 self.flatten_packed = model.config._attn_implementation == attention
             from .packed_attention import leaks_across_samples
 
-            if leaks_across_samples(model, device):
+            try:
+                leaks = leaks_across_samples(model, device)
+            except Exception as exc:  # remote code that cannot run the probe (no input embeddings, other inputs)
+                raise ConfigError(f"packing: could not check that {type(model).__name__} keeps packed samples apart "
+                                  f"({type(exc).__name__}: {first_line(exc)}); set packing: false") from None
+            if leaks:
                 raise ConfigError(f"packing: {type(model).__name__} lets packed samples attend to each other (its "
                                   f"attention ignores the position ids that mark them); set packing: false")
         if nf4:
