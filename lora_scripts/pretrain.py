@@ -99,10 +99,9 @@ def pretrain_sd(folder: Path, schedule: Schedule = FULL, seed: int = 0, log_ever
     """Write the tiny SD model, train its VAE (:func:`pretrain_vae`) or take the one in ``vae_from``, then train its
     UNet and text encoder together from their initial weights (:func:`pretrain_unet`).
 
-    The committed VAE was trained on an earlier build machine and this code does not give it back on the current
-    one (every tensor differs; two runs here agree with each other; the cause is not known), and the demo's LoRA
-    on that rebuilt base moved 3% of the pixels to its style instead of 34%. From the committed VAE
-    (``vae_from``), the UNet and text encoder come out bit for bit the committed ones (checked on an AMD EPYC)."""
+    ``vae_from`` keeps a VAE (the committed one) and trains the rest: a VAE made on an earlier build machine was
+    not given back by this code on a later one (every tensor differed, cause unknown), while the UNet and text
+    encoder were, bit for bit, from it."""
     import shutil
 
     from .testing import make_tiny_sd_model

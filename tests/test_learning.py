@@ -27,8 +27,8 @@ ZERO_LR_STEPS = 50  # the near-zero run needs no more: its LoRA stays zero in al
 TEXT_LR, TEXT_STEPS = 1e-3, 500
 SEEDS = (0, 1)
 # stated margins. Text: the share of held-out answers in the format the LoRA must add over the base. Image: the share
-# of pixels in the style's purple the LoRA must add on held-out renders (demo, seed 0: 0 % -> 34 %), how far (mean RGB
-# distance, 0-441) it must pull them toward that purple (demo: 211 -> 111), and the most the "zero" run may move them
+# of pixels in the style's purple the LoRA must add on held-out renders (demo, seed 0: 0 % -> 45 %), how far (mean RGB
+# distance, 0-441) it must pull them toward that purple (demo: 200 -> 97), and the most the "zero" run may move them
 # (it renders the base's exact pixels up to float noise).
 TEXT_MARGIN = 0.6
 IMAGE_SHARE_GAIN, IMAGE_MARGIN, IMAGE_STILL = 0.2, 50.0, 1.0

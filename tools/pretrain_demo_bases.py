@@ -38,7 +38,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, help="write here instead of lora_scripts/demo_assets")
     parser.add_argument("--keep-vae", action="store_true",
                         help="sd: train the UNet and text encoder on the committed VAE instead of training a new one "
-                             "(this code does not give back the committed VAE on every machine; from it, the rest is bit for bit)")
+                             "(should another machine not give back the committed VAE, the rest is still rebuilt bit for bit from it)")
     args = parser.parse_args()
     committed_vae = None
     if args.keep_vae:  # copied away first: the target folder is replaced below
