@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,21 +230,30 @@ def test_packed_and_unpacked_batches_give_the_same_loss_and_gradient(text_cfg):
         torch.testing.assert_close(grads[True][name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_a_model_with_its_own_code_needs_trust_remote_code(text_cfg, tiny_lms, tmp_path, capsys):
-    """A model folder that ships Python (auto_map, like ChatGLM3): without trust_remote_code, one line saying which
-    key to set, and the folder's code never runs."""
+def _remote_code_model(source: Path, folder: Path, configuration: str, modeling: str) -> Path:
+    """A copy of the tiny LLaMA folder that ships its own Python (``auto_map``, as ChatGLM3 does): the two modules'
+    source as given, defining ``RemoteConfig`` and ``RemoteForCausalLM``."""
     import shutil
 
-    folder = shutil.copytree(tiny_lms["llama"], tmp_path / "remote-lm")
-    ran = tmp_path / "remote-code-ran"
-    for module, base in (("configuration_remote", "LlamaConfig"), ("modeling_remote", "LlamaForCausalLM")):
-        (folder / f"{module}.py").write_text(f"open({str(ran)!r}, 'w').close()\nfrom transformers import {base}\n\n\n"
-                                             f"class Remote{base[5:]}({base}):\n    model_type = 'remote-llama'\n")
+    folder = shutil.copytree(source, folder)
+    (folder / "configuration_remote.py").write_text(configuration)
+    (folder / "modeling_remote.py").write_text(modeling)
     config = json.loads((folder / "config.json").read_text())
     config.update(model_type="remote-llama", architectures=["RemoteForCausalLM"],
                   auto_map={"AutoConfig": "configuration_remote.RemoteConfig",
                             "AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM"})
     (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_model_with_its_own_code_needs_trust_remote_code(text_cfg, tiny_lms, tmp_path, capsys):
+    """A model folder that ships Python (auto_map, like ChatGLM3): without trust_remote_code, one line saying which
+    key to set, and the folder's code never runs."""
+    ran = tmp_path / "remote-code-ran"
+    module = [f"open({str(ran)!r}, 'w').close()\nfrom transformers import {base}\n\n\n"
+              f"class Remote{base[5:]}({base}):\n    model_type = 'remote-llama'\n"
+              for base in ("LlamaConfig", "LlamaForCausalLM")]
+    folder = _remote_code_model(tiny_lms["llama"], tmp_path / "remote-lm", *module)
     cfg = text_cfg(base_model=str(folder)).to_yaml_dict()
     for command in ("check", "train"):
         code = main([command, "--config", str(write_yaml(tmp_path / "remote.yaml", cfg))]
@@ -263,22 +273,13 @@ def test_packing_is_refused_for_a_model_whose_attention_ignores_sample_boundarie
     """Remote code with its own attention (ChatGLM3's) does not read packed samples from position ids: packed rows
     would train every sample on its neighbours. Measured at load, refused in one line (also when the model cannot
     take the measuring forward); packing: false trains."""
-    import shutil
-
-    # a folder name of its own: transformers caches remote code modules by it
-    folder = shutil.copytree(tiny_lms["llama"], tmp_path / f"remote-{message.split()[0]}")
-    (folder / "configuration_remote.py").write_text(
-        "from transformers import LlamaConfig\n\n\nclass RemoteConfig(LlamaConfig):\n    model_type = 'remote-llama'\n")
-    (folder / "modeling_remote.py").write_text(
+    folder = _remote_code_model(
+        tiny_lms["llama"], tmp_path / f"remote-{message.split()[0]}",  # its own name: transformers caches by it
+        "from transformers import LlamaConfig\n\n\nclass RemoteConfig(LlamaConfig):\n    model_type = 'remote-llama'\n",
         "from transformers import LlamaForCausalLM\n\nfrom .configuration_remote import RemoteConfig\n\n\n"
         "class RemoteForCausalLM(LlamaForCausalLM):\n    config_class = RemoteConfig\n\n"
         "    def forward(self, *args, position_ids=None, **kwargs):\n"
         f"        if position_ids is None:\n            return super().forward(*args, **kwargs)\n        {forward}\n")
-    config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="remote-llama", architectures=["RemoteForCausalLM"],
-                  auto_map={"AutoConfig": "configuration_remote.RemoteConfig",
-                            "AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM"})
-    (folder / "config.json").write_text(json.dumps(config))
     cfg = text_cfg(base_model=str(folder), trust_remote_code=True, packing=True, max_train_steps=2).to_yaml_dict()
     code = main(["train", "--config", str(write_yaml(tmp_path / "packed.yaml", cfg)), "--no-progress"])
     err = capsys.readouterr().err.strip()
